@@ -1,0 +1,123 @@
+"""Fixtures shared by the tests: the fake platform on 127.0.0.1, the template module
+pointed at it, and the way users and runners run a copy of the template."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fake_platform import DEMO_PASSWORD, DEMO_USER_NAME, FakePlatform
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "eb_script_template.py"
+
+# The TODO block of main(): from its first comment line to its end marker, both kept out.
+TODO_BLOCK = re.compile(r"(    # TODO: Developer implements.*?\n)(.*?)(    # END OF TODO BLOCK\n)", re.S)
+
+# Variables of the developer's environment that would change how a child script behaves.
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    """Neither a proxy nor an EB_* setting of the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.upper() in PROXY_VARIABLES or name.startswith("EB_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def sigint_reaches_children():
+    """A child started during the test gets Ctrl+C (SIGINT) even when this process was
+    started with SIGINT ignored, as background jobs of a shell are: an ignored signal is
+    inherited across exec, a handler is reset to the default."""
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
+def fake(request):
+    """The fake platform, on free ports of 127.0.0.1. A test sets its knobs with a marker:
+    @pytest.mark.fake(latency=2.0, revoke_previous_access_token=True)."""
+    marker = request.node.get_closest_marker("fake")
+    with FakePlatform(**(marker.kwargs if marker else {})) as platform:
+        yield platform
+
+
+@pytest.fixture
+def template(fake, monkeypatch):
+    """The template module, pointed at the fake, with fresh state and short retry waits."""
+    import eb_script_template as module
+
+    for name, url in fake.urls.items():
+        monkeypatch.setitem(module.MICROSERVICES[name], "base_url", url)
+    monkeypatch.setattr(module, "WAIT_BEFORE_RETRY", 0.01)
+    module.tokens.clear()
+    module._credentials.clear()
+    module._stop_requested.clear()
+    module.httpx_clients.clear()
+    yield module
+    for client in module.httpx_clients.values():
+        client.close()
+    module.httpx_clients.clear()
+    module.tokens.clear()
+    module._credentials.clear()
+    module._stop_requested.clear()
+
+
+@pytest.fixture
+def logged_in(template, fake):
+    """The template after a successful login to the fake, without prompts."""
+    master_token, user_id = template._log_in_to_iam(DEMO_USER_NAME, DEMO_PASSWORD)
+    for app in ("RC", "GDD"):
+        template.tokens[app] = template._configure_token(app, master_token, user_id)
+    template._credentials.update(user_name=DEMO_USER_NAME, password=DEMO_PASSWORD)
+    return template
+
+
+def write_copy(directory, job=None, name="my_job.py", replacements=()):
+    """Copy the template the way a user does, its TODO block replaced by `job` (code
+    indented for main()), and each (old, new) of `replacements` applied once."""
+    text = TEMPLATE.read_text(encoding="utf-8")
+    if job is not None:
+        text, count = TODO_BLOCK.subn(lambda match: match[1] + job + match[3], text)
+        assert count == 1, "the template's TODO block markers changed"
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    script = Path(directory) / name
+    script.write_text(text, encoding="utf-8")
+    return script
+
+
+def script_environment(fake, **settings):
+    """The environment of a child script: this one, the fake's URLs, then `settings`
+    (None removes a variable)."""
+    environment = dict(os.environ, **fake.environment(), PYTHONUNBUFFERED="1")
+    for name, value in settings.items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
+    return environment
+
+
+def run_unattended(script, fake, timeout=60, **settings):
+    """Run a copy as cron or a runner would: no terminal, stdin from /dev/null."""
+    settings.setdefault("EB_USER_NAME", DEMO_USER_NAME)
+    settings.setdefault("EB_PASSWORD", DEMO_PASSWORD)
+    return subprocess.run(
+        [sys.executable, script.name],
+        cwd=script.parent,
+        env=script_environment(fake, **settings),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

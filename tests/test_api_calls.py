@@ -1,0 +1,165 @@
+"""API calls through the retry decorator, over real sockets against the fake platform."""
+
+import threading
+from time import perf_counter
+
+import httpx
+import pytest
+
+ORGANIZATIONS = "/api/inclusions/getAllOrganizations"
+SEARCH = "/api/inclusions/search"
+RECORDS = "/api/records"
+
+
+def test_a_decorated_get_returns_the_json(logged_in):
+    organizations = logged_in.get_all_organizations()
+    assert [org["id"] for org in organizations][:2] == ["org-001", "org-002"]
+
+
+def test_a_decorated_post_returns_the_requested_page(logged_in):
+    page = logged_in.search_inclusions("org-004", 50, 3)
+    assert page["total"] == 130
+    assert len(page["data"]) == 30
+    assert page["data"][0]["id"] == "inc-004-0101"
+
+
+def test_an_expired_token_is_refreshed_and_the_call_succeeds(logged_in, fake):
+    old_token = logged_in.tokens["RC"]["access_token"]
+    fake.expire_access_tokens("RC")
+    assert logged_in.get_all_organizations()
+    assert fake.refreshes == 1
+    assert fake.calls(ORGANIZATIONS) == 2
+    assert logged_in.tokens["RC"]["access_token"] != old_token
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 408])
+def test_a_server_error_is_retried_until_it_succeeds(logged_in, fake, status):
+    fake.fail_next(ORGANIZATIONS, count=3, status=status)
+    assert logged_in.get_all_organizations()
+    assert fake.calls(ORGANIZATIONS) == 4
+
+
+def test_a_dropped_connection_is_retried(logged_in, fake):
+    fake.fail_next(ORGANIZATIONS, count=2, drop=True)
+    assert logged_in.get_all_organizations()
+    assert fake.calls(ORGANIZATIONS) == 3
+
+
+def test_a_429_waits_as_long_as_retry_after_says(logged_in, fake, monkeypatch):
+    waits = []
+    monkeypatch.setattr(logged_in, "_pause", waits.append)
+    fake.fail_next(ORGANIZATIONS, status=429, headers={"Retry-After": "2"})
+    assert logged_in.get_all_organizations()
+    assert waits == [2.0]
+
+
+def test_a_429_really_waits_before_the_next_attempt(logged_in, fake):
+    fake.fail_next(ORGANIZATIONS, status=429, headers={"Retry-After": "1"})
+    assert logged_in.get_all_organizations()
+    (first, _, _), (second, _, _) = [t for t in fake.request_times() if t[2] == ORGANIZATIONS]
+    assert second - first >= 0.95
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 409, 422])
+def test_a_client_error_is_raised_at_once_with_its_status(logged_in, fake, status):
+    fake.fail_next(ORGANIZATIONS, status=status)
+    with pytest.raises(httpx.HTTPStatusError) as raised:
+        logged_in.get_all_organizations()
+    assert raised.value.response.status_code == status
+    assert fake.calls(ORGANIZATIONS) == 1
+
+
+def test_an_unknown_id_is_a_404_the_caller_can_catch(logged_in, fake):
+    with pytest.raises(httpx.HTTPStatusError) as raised:
+        logged_in.search_inclusions("org-999", 50, 1)
+    assert raised.value.response.status_code == 404
+    assert fake.calls(SEARCH) == 1
+
+
+def test_a_persistent_error_stops_after_exactly_error_max_retry_attempts(logged_in, fake, monkeypatch):
+    monkeypatch.setattr(logged_in, "ERROR_MAX_RETRY", 4)
+    fake.fail_next(ORGANIZATIONS, count=10, status=502)
+    with pytest.raises(httpx.RequestError) as raised:
+        logged_in.get_all_organizations()
+    assert fake.calls(ORGANIZATIONS) == 4
+    assert isinstance(raised.value.__cause__, httpx.HTTPStatusError)
+    assert raised.value.__cause__.response.status_code == 502
+    assert "after 4 attempts: 502 Bad Gateway" in str(raised.value)
+
+
+def test_a_server_that_is_down_is_retried_then_reported(logged_in, monkeypatch):
+    monkeypatch.setattr(logged_in, "ERROR_MAX_RETRY", 3)
+    monkeypatch.setitem(logged_in.MICROSERVICES["RC"], "base_url", "http://127.0.0.1:9")
+    with pytest.raises(httpx.RequestError) as raised:
+        logged_in.get_all_organizations()
+    assert isinstance(raised.value.__cause__, httpx.ConnectError)
+
+
+def test_a_write_is_not_repeated_after_a_5xx(logged_in, fake):
+    fake.fail_next(RECORDS, status=500)
+    with pytest.raises(httpx.HTTPStatusError):
+        logged_in.create_record("pat-001-0001", {"weight": 70})
+    assert fake.calls(RECORDS) == 1
+    assert fake.created_records() == []
+
+
+def test_a_write_is_not_repeated_after_a_read_timeout(logged_in, fake):
+    fake.latency = 1.0
+
+    @logged_in.api_call_with_retry("RC", idempotent=False)
+    def create_record_with_short_timeout():
+        client = logged_in.get_httpx_client()
+        response = client.post(
+            fake.urls["RC"] + RECORDS,
+            headers={"Authorization": f"Bearer {logged_in.tokens['RC']['access_token']}"},
+            json={"patientId": "pat-001-0001", "fields": {}},
+            timeout=0.3,
+        )
+        response.raise_for_status()
+        return response.json()
+
+    with pytest.raises(httpx.ReadTimeout):
+        create_record_with_short_timeout()
+    assert fake.calls(RECORDS) == 1
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_write_is_retried_when_the_server_did_not_process_it(logged_in, fake, status):
+    fake.fail_next(RECORDS, status=status)
+    record = logged_in.create_record("pat-001-0001", {"weight": 70})
+    assert record["patientId"] == "pat-001-0001"
+    assert fake.calls(RECORDS) == 2
+    assert len(fake.created_records()) == 1
+
+
+def test_a_write_is_retried_after_a_refused_connection(logged_in, fake, monkeypatch):
+    monkeypatch.setattr(logged_in, "ERROR_MAX_RETRY", 2)
+    monkeypatch.setitem(logged_in.MICROSERVICES["RC"], "base_url", "http://127.0.0.1:9")
+    with pytest.raises(httpx.RequestError) as raised:
+        logged_in.create_record("pat-001-0001", {})
+    assert "after 2 attempts: ConnectError" in str(raised.value)
+
+
+def test_a_write_with_an_expired_token_is_refreshed_and_sent_once(logged_in, fake):
+    fake.expire_access_tokens("RC")
+    logged_in.create_record("pat-001-0001", {"weight": 70})
+    assert fake.refreshes == 1
+    assert len(fake.created_records()) == 1
+
+
+def test_no_call_starts_once_the_run_is_stopping(logged_in, fake):
+    logged_in.request_stop()
+    with pytest.raises(logged_in.RunStopped):
+        logged_in.get_all_organizations()
+    assert fake.calls(ORGANIZATIONS) == 0
+
+
+def test_a_stop_ends_the_wait_between_attempts(logged_in, fake, monkeypatch):
+    monkeypatch.setattr(logged_in, "WAIT_BEFORE_RETRY", 30)
+    fake.fail_next(ORGANIZATIONS, count=5, status=503)
+    threading.Timer(0.3, logged_in.request_stop).start()
+    started = perf_counter()
+    with pytest.raises(logged_in.RunStopped):
+        logged_in.get_all_organizations()
+    assert perf_counter() - started < 2
+    assert fake.calls(ORGANIZATIONS) == 1

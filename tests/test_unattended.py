@@ -1,0 +1,179 @@
+"""A copy of the template run as cron or a runner runs it: a child process with no
+terminal (stdin from /dev/null), judged by its exit status, stderr and log file."""
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_unattended, script_environment, write_copy
+from fake_platform import DEMO_PASSWORD
+
+ORGANIZATIONS = "/api/inclusions/getAllOrganizations"
+
+
+def closed_port_url():
+    """The URL of a port of 127.0.0.1 where nothing listens."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def assert_one_clear_line(stderr, *expected):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    for text in expected:
+        assert text in lines[0]
+
+
+def test_the_template_runs_unattended_without_a_prompt_or_a_pause(tmp_path, fake):
+    script = write_copy(tmp_path)
+    result = run_unattended(script, fake)
+    assert result.returncode == 0, result.stderr
+    assert "Total" in result.stdout and "356" in result.stdout
+    assert "Elapsed time: " in result.stdout
+    assert "Press Enter" not in result.stdout
+    assert result.stderr == ""
+    log = (tmp_path / "my_job.log").read_text(encoding="utf-8")
+    assert "Exit status 0" in log
+
+
+def test_a_wrong_password_fails_at_once_with_one_line(tmp_path, fake):
+    started = time.monotonic()
+    result = run_unattended(write_copy(tmp_path), fake, EB_PASSWORD="wrong-password")
+    assert time.monotonic() - started < 5
+    assert result.returncode == 1
+    assert_one_clear_line(result.stderr, "Login Error: 401 Unauthorized")
+    assert fake.calls("/api/auth/ziwig-pro/login") == 1  # no retry loop without a terminal
+    assert "wrong-password" not in (tmp_path / "my_job.log").read_text(encoding="utf-8")
+
+
+def test_an_unreachable_iam_fails_in_bounded_time(tmp_path, fake):
+    started = time.monotonic()
+    result = run_unattended(write_copy(tmp_path), fake, EB_IAM_BASE_URL=closed_port_url())
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1
+    assert_one_clear_line(result.stderr, "Login Error: ConnectError")
+
+
+def test_missing_credentials_are_a_bad_setting(tmp_path, fake):
+    result = run_unattended(write_copy(tmp_path), fake, EB_PASSWORD=None)
+    assert result.returncode == 2
+    assert_one_clear_line(result.stderr, "EB_PASSWORD")
+    assert fake.calls("/api/auth/ziwig-pro/login") == 0
+
+
+@pytest.mark.parametrize("threads", ["0", "99", "abc", "-3", "2.5"])
+def test_a_bad_thread_count_is_a_bad_setting_reported_before_login(tmp_path, fake, threads):
+    result = run_unattended(write_copy(tmp_path), fake, EB_THREADS=threads)
+    assert result.returncode == 2
+    assert_one_clear_line(result.stderr, "EB_THREADS", repr(threads))
+    assert fake.calls("/api/auth/ziwig-pro/login") == 0
+
+
+def test_the_password_can_come_from_a_file(tmp_path, fake):
+    password_file = tmp_path / "password.txt"
+    password_file.write_text(DEMO_PASSWORD + "\n", encoding="utf-8")
+    result = run_unattended(write_copy(tmp_path), fake, EB_PASSWORD=None, EB_PASSWORD_FILE=str(password_file))
+    assert result.returncode == 0, result.stderr
+    assert fake.logins == 1
+
+
+def test_an_unreadable_password_file_is_a_bad_setting(tmp_path, fake):
+    missing = tmp_path / "no-such-file"
+    result = run_unattended(write_copy(tmp_path), fake, EB_PASSWORD=None, EB_PASSWORD_FILE=str(missing))
+    assert result.returncode == 2
+    assert_one_clear_line(result.stderr, "EB_PASSWORD_FILE", "no-such-file")
+
+
+def test_a_password_and_a_password_file_together_are_a_bad_setting(tmp_path, fake):
+    password_file = tmp_path / "password.txt"
+    password_file.write_text(DEMO_PASSWORD, encoding="utf-8")
+    result = run_unattended(write_copy(tmp_path), fake, EB_PASSWORD_FILE=str(password_file))
+    assert result.returncode == 2
+    assert_one_clear_line(result.stderr, "not both")
+
+
+WORKER_FAILS = """\
+    def process(number):
+        if number == 3:
+            raise ValueError("record 3 is inconsistent")
+        return get_all_organizations()
+
+    with main_thread_pool as executor:
+        futures = [executor.submit(process, number) for number in range(200)]
+        for future in iter_completed(futures):
+            try:
+                future.result()
+            except Exception as exc:
+                logging.critical(f"Error in worker: {exc}")
+                executor.shutdown(wait=False, cancel_futures=True)
+                raise
+"""
+
+
+@pytest.mark.fake(latency=0.05)
+def test_a_worker_exception_fails_the_run_and_cancels_the_rest(tmp_path, fake):
+    result = run_unattended(write_copy(tmp_path, WORKER_FAILS), fake, EB_THREADS="4")
+    assert result.returncode == 1
+    assert_one_clear_line(result.stderr, "ValueError: record 3 is inconsistent")
+    assert fake.calls(ORGANIZATIONS) < 50
+    log = (tmp_path / "my_job.log").read_text(encoding="utf-8")
+    assert "Traceback" in log and "Exit status 1" in log
+
+
+def test_a_closed_stdin_is_an_unattended_run(tmp_path, fake):
+    if sys.platform == "win32":
+        pytest.skip("closes file descriptor 0 with a POSIX shell")
+    script = write_copy(tmp_path)
+    environment = script_environment(fake, EB_USER_NAME=None, EB_PASSWORD=DEMO_PASSWORD)
+    result = subprocess.run(
+        ["sh", "-c", f'exec 0<&- && exec "{sys.executable}" {script.name}'],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Elapsed time" in result.stdout
+
+
+# The README's way: `with main_thread_pool as executor:` and as_completed(), whose exit
+# would wait for every queued task unless something cancels them.
+README_WAY_JOB = """\
+    with main_thread_pool as executor:
+        futures = [executor.submit(get_all_organizations) for _ in range(400)]
+        for future in as_completed(futures):
+            future.result()
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT, which Windows cannot send to one process")
+@pytest.mark.fake(latency=2.0)
+@pytest.mark.usefixtures("sigint_reaches_children")
+def test_ctrl_c_mid_run_stops_20_busy_threads_within_seconds(tmp_path, fake):
+    script = write_copy(tmp_path, README_WAY_JOB)
+    environment = script_environment(fake, EB_THREADS="20", EB_PASSWORD=DEMO_PASSWORD)
+    process = subprocess.Popen(
+        [sys.executable, script.name], cwd=tmp_path, env=environment,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while fake.calls(ORGANIZATIONS) < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.calls(ORGANIZATIONS) == 20  # 20 threads, each in a 2 s call
+    interrupted_at = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=30)
+    exited_at = time.monotonic()
+
+    assert process.returncode == 130
+    assert exited_at - interrupted_at < 5
+    assert_one_clear_line(stderr, "Interrupted")
+    arrivals = [arrived for arrived, _, path in fake.request_times() if path == ORGANIZATIONS]
+    assert max(arrivals) < interrupted_at + 0.2, "a call started after Ctrl+C"
+    time.sleep(0.5)
+    assert fake.calls(ORGANIZATIONS) == len(arrivals)
+    assert "interrupted" in (tmp_path / "my_job.log").read_text(encoding="utf-8").lower()

@@ -1,0 +1,168 @@
+"""The pure helpers of the template, tested in process."""
+
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+
+import httpx
+import pytest
+
+import eb_script_template as template
+from conftest import ROOT, script_environment
+from eb_script_template import get_nested_value
+
+DATA = {
+    "a": {"b": 1, "none": None, "zero": 0},
+    "items": [{"x": 1, "tags": ["t1", "t2"]}, {"x": 2, "tags": []}, {"y": 3}],
+    "matrix": [[1, 2], [3]],
+    7: "int key",
+}
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        (["a", "b"], 1),
+        (("a", "b"), 1),
+        (["a"], {"b": 1, "none": None, "zero": 0}),
+        ([], DATA),
+        (["a", "zero"], 0),
+        (["a", "none"], None),
+        (["items", 0, "x"], 1),
+        (["items", -1, "y"], 3),
+        (["items", "*", "x"], [1, 2]),
+        (["items", "*", "tags"], [["t1", "t2"], []]),
+        (["items", "*", "tags", "*"], [["t1", "t2"], []]),
+        (["items", "*", "tags", 0], ["t1"]),
+        (["matrix", "*", "*"], [[1, 2], [3]]),
+        (["matrix", "*", 1], [2]),
+        (["items", "*", "missing"], []),
+        ([7], "int key"),
+    ],
+)
+def test_get_nested_value_finds_what_the_path_names(path, expected):
+    assert get_nested_value(DATA, path) == expected
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ["missing"],
+        ["a", "b", "c"],  # step into an int
+        ["a", "missing"],
+        ["items", 3],  # index out of range
+        ["items", -4],
+        ["items", "0"],  # a string is not an index
+        ["items", True],  # nor is a bool
+        ["a", 0],  # an index into a dict with no such key
+        ["a", "*"],  # a wildcard on a dict
+        ["a", "b", "*"],  # a wildcard on an int
+        [["unhashable"]],
+    ],
+)
+def test_get_nested_value_gives_the_default_on_a_bad_path(path):
+    assert get_nested_value(DATA, path, default="default") == "default"
+
+
+@pytest.mark.parametrize("data", [None, 42, "text", [], {}])
+def test_get_nested_value_never_raises_on_odd_data(data):
+    assert get_nested_value(data, ["a", "*", 0], default="default") == "default"
+
+
+def test_get_nested_value_docstring_examples_hold():
+    assert get_nested_value({"a": {"b": 1}}, ["a", "b"]) == 1
+    assert get_nested_value({"items": [{"x": 1}, {"x": 2}]}, ["items", "*", "x"]) == [1, 2]
+    assert get_nested_value({"a": [10, 20]}, ["a", -1]) == 20
+    assert get_nested_value({"a": [10, 20]}, ["a", 5], default=0) == 0
+    assert get_nested_value({"a": [{"b": [1, 2]}, {"b": [3]}]}, ["a", "*", "b", "*"]) == [[1, 2], [3]]
+
+
+def test_thread_position_is_stable_within_a_thread_and_distinct_across_threads():
+    barrier = threading.Barrier(8)
+
+    def positions():
+        barrier.wait()  # all 8 threads alive at once: no thread id can be reused
+        return template.get_thread_position(), template.get_thread_position()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = [future.result() for future in [pool.submit(positions) for _ in range(8)]]
+    assert all(first == second for first, second in results)
+    assert len({first for first, _ in results}) == 8
+
+
+def test_each_thread_gets_one_client_and_reuses_it(template):
+    barrier = threading.Barrier(4)
+
+    def clients():
+        barrier.wait()
+        return template.get_httpx_client(), template.get_httpx_client()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = [future.result() for future in [pool.submit(clients) for _ in range(4)]]
+    assert all(first is second for first, second in results)
+    assert len({id(first) for first, _ in results}) == 4
+
+
+def test_every_client_shares_one_tls_context(template):
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        clients = list(pool.map(lambda _: template.get_httpx_client(), range(3)))
+    contexts = {id(client._transport._pool._ssl_context) for client in clients}
+    assert contexts == {id(template._ssl_context)}
+
+
+def test_an_http_error_is_described_on_one_line():
+    request = httpx.Request("GET", "http://127.0.0.1:1/api/x?page=2")
+    error = httpx.HTTPStatusError("long\nmessage", request=request, response=httpx.Response(404, request=request))
+    assert template.describe_error(error) == "404 Not Found from GET http://127.0.0.1:1/api/x?page=2"
+    assert template.describe_error(httpx.ConnectError("refused\nmore")) == "ConnectError: refused"
+    assert template.describe_error(RuntimeError()) == "RuntimeError"
+
+
+@pytest.mark.parametrize(
+    "value, low, high",
+    [(None, 0, 0), ("", 0, 0), ("3", 3, 3), ("1.5", 1.5, 1.5), ("soon", 0, 0), ("-5", -5, -5)],
+)
+def test_retry_after_seconds_are_read(value, low, high):
+    assert low <= template._seconds_from_retry_after(value) <= high
+
+
+def test_retry_after_http_date_is_read():
+    in_ten_seconds = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=10), usegmt=True)
+    assert 8 <= template._seconds_from_retry_after(in_ten_seconds) <= 10
+
+
+def test_retry_delay_is_the_fixed_wait_unless_the_server_asks_longer_up_to_the_cap(monkeypatch):
+    monkeypatch.setattr(template, "WAIT_BEFORE_RETRY", 0.5)
+    monkeypatch.setattr(template, "RETRY_AFTER_MAX", 30)
+
+    def delay(headers):
+        request = httpx.Request("GET", "http://127.0.0.1:1/")
+        response = httpx.Response(429, headers=headers, request=request)
+        return template._retry_delay(httpx.HTTPStatusError("", request=request, response=response))
+
+    assert delay({}) == 0.5
+    assert delay({"Retry-After": "0"}) == 0.5
+    assert delay({"Retry-After": "4"}) == 4
+    assert delay({"Retry-After": "3600"}) == 30
+    assert template._retry_delay(httpx.ReadTimeout("slow")) == 0.5
+
+
+def test_importing_the_template_prompts_nothing_connects_nowhere_and_writes_nothing(tmp_path, fake):
+    code = (
+        "import threading, eb_script_template as t;"
+        "assert threading.active_count() == 1, threading.enumerate();"
+        "assert t.main_thread_pool is None and t.tokens == {} and t.httpx_clients == {};"
+        "print(t.MICROSERVICES['RC']['base_url'])"
+    )
+    environment = script_environment(fake, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=environment, capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == fake.urls["RC"]  # EB_RC_BASE_URL applied at import
+    assert list(tmp_path.iterdir()) == []  # no log file
+    assert fake.connections() == 0
