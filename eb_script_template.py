@@ -183,6 +183,13 @@ console = Console()
 # What login() was given, for a silent login when a refresh token is rejected
 _credentials = {}
 
+# Every password and token seen by this run: the log formatter writes *** in their place
+_secrets = set()
+
+# {app: (how many token renewals failed for good, the last error)}: a thread that waited
+# for a renewal that failed raises its error instead of trying again in its turn
+_failed_renewals = {}
+
 # One TLS context for every client: building one costs ~50 ms of CPU (certificates)
 _ssl_context = None
 _ssl_context_lock = threading.Lock()
@@ -316,6 +323,7 @@ class StoppableThreadPool(ThreadPoolExecutor):
     def __exit__(self, exc_type, exc_value, exc_traceback):
         if exc_type is not None:
             request_stop()
+            self.shutdown(wait=False, cancel_futures=True)  # also when it is not a global pool
         return super().__exit__(exc_type, exc_value, exc_traceback)
 
 
@@ -398,21 +406,19 @@ def _check_settings():
 
 
 class _SecretRedactingFormatter(logging.Formatter):
-    """Log formatter that writes *** in place of the password and of every token in use:
+    """Log formatter that writes *** in place of the password and of every token seen:
     the log file is read and shared, a secret must never reach it, whatever the level."""
 
     def format(self, record):
         text = super().format(record)
-        for secret in _secrets_in_use():
+        for secret in tuple(_secrets):
             text = text.replace(secret, "***")
         return text
 
 
-def _secrets_in_use():
-    secrets = [_credentials.get("password")]
-    for app_tokens in list(tokens.values()):
-        secrets.extend(app_tokens.values())
-    return [secret for secret in secrets if secret]
+def _remember_secrets(*values):
+    """Let the log formatter hide these values, from now on."""
+    _secrets.update(value for value in values if value)
 
 
 # ============================================================================
@@ -444,7 +450,7 @@ def login():
             tokens[app_name] = _configure_token(app_name, master_token, user_id)
         except (httpx.RequestError, httpx.HTTPStatusError) as exc:
             return _login_failed(f"Config-token Error for {app_name}: {describe_error(exc)}")
-    _credentials.update(user_name=user_name, password=password)
+    _credentials["password"] = password
     print("\nLogin Success")
     logging.info(f"Login Success as {user_name}")
     return "Success"
@@ -457,15 +463,19 @@ def _ask_credentials():
     if not is_interactive():
         if not (user_name and password):
             raise SettingError("No credentials: set EB_USER_NAME and EB_PASSWORD (or EB_PASSWORD_FILE)")
+        _credentials["user_name"] = user_name
+        _remember_secrets(password)
         return user_name, password
     user_name = _ask(questionary.text("login:", default=user_name))
+    _credentials["user_name"] = user_name  # the default of the next prompt, if this login fails
     password = _ask(questionary.password("password:", default=password))
+    _remember_secrets(password)
     return user_name, password
 
 
 def _login_failed(message):
     _report(message)
-    logging.warning(message)
+    logging.warning(message, exc_info=True)
     return "Error"
 
 
@@ -479,6 +489,7 @@ def _log_in_to_iam(user_name, password):
     )
     response.raise_for_status()
     body = response.json()
+    _remember_secrets(body["access_token"])
     return body["access_token"], body["userId"]
 
 
@@ -497,6 +508,7 @@ def _configure_token(app, master_token, user_id):
 
 def _token_pair(response):
     body = response.json()
+    _remember_secrets(body["access_token"], body["refresh_token"])
     return {"access_token": body["access_token"], "refresh_token": body["refresh_token"]}
 
 
@@ -510,32 +522,43 @@ def new_token(app, rejected_token=None):
             already replaced it, nothing is done: one refresh per expiry, however many
             threads saw the 401. None refreshes unconditionally.
 
-    When the refresh token itself is rejected (expired, already used), logs in again
-    with the credentials given at login, without a prompt.
+    When the refresh token is refused (expired, already used), or may have been spent by
+    a refresh whose answer was lost, logs in again with the credentials given at login,
+    without a prompt: a refresh token is never presented twice.
     """
-    with _token_refresh_lock:
+    failures_before_waiting, _ = _failed_renewals.get(app, (0, None))
+    _acquire_token_refresh_lock()
+    try:
         if rejected_token is not None and rejected_token != tokens[app]["access_token"]:
             return
-        renew = _refresh_tokens
-        last_error = None
-        for attempt in range(1, ERROR_MAX_RETRY + 1):
-            try:
-                tokens[app] = renew(app)
-                return
-            except (httpx.RequestError, httpx.HTTPStatusError) as exc:
-                last_error = exc
-                logging.warning(f"Refresh Token Error for {app} (Attempt {attempt}): {describe_error(exc)}")
-                if renew is _refresh_tokens and _status_of(exc) in REFRESH_REJECTED_STATUS:
-                    logging.info(f"Refresh token for {app} rejected: logging in again")
-                    renew = _log_in_again
-                    continue
-                if not _is_retryable(exc, idempotent=True):
-                    break
-                if attempt < ERROR_MAX_RETRY:
-                    _pause(_retry_delay(exc))
-        message = f"Persistent error in refresh_token for {app}: {describe_error(last_error)}"
-        logging.critical(message)
-        raise httpx.RequestError(message) from last_error
+        failures, error = _failed_renewals.get(app, (0, None))
+        if failures > failures_before_waiting:
+            raise httpx.RequestError(f"Token renewal for {app} failed: {describe_error(error)}") from error
+        try:
+            tokens[app] = _renew_tokens(app)
+        except (httpx.RequestError, httpx.HTTPStatusError) as exc:
+            _failed_renewals[app] = (failures + 1, exc)
+            raise
+    finally:
+        _token_refresh_lock.release()
+
+
+def _acquire_token_refresh_lock():
+    """Wait for the refresh lock in short slices: a stop (Ctrl+C) is not held up by it."""
+    while not _token_refresh_lock.acquire(timeout=STOP_POLL_INTERVAL):
+        if _stop_requested.is_set():
+            raise RunStopped("token refresh not started: the run is stopping")
+
+
+def _renew_tokens(app):
+    """A new pair for `app`: refreshed, or from a new login when the refresh token is unusable."""
+    try:
+        return _call_with_retries(functools.partial(_refresh_tokens, app), f"refresh_token for {app}", idempotent=False)
+    except RetriesExhausted:
+        raise  # the server never processed the refresh: a new login would not reach it either
+    except (httpx.RequestError, httpx.HTTPStatusError) as exc:
+        logging.info(f"Refresh token for {app} unusable ({describe_error(exc)}): logging in again")
+    return _call_with_retries(functools.partial(_log_in_again, app), f"login again for {app}", idempotent=True)
 
 
 def _refresh_tokens(app):
@@ -581,39 +604,52 @@ def api_call_with_retry(app, idempotent=True):
     Retried: RETRY_ON_ERRORS and RETRY_ON_STATUS, after WAIT_BEFORE_RETRY seconds or the
     server's Retry-After (up to RETRY_AFTER_MAX); a 401 refreshes the token, then retries.
     Any other error is raised at once, unchanged. After ERROR_MAX_RETRY attempts:
-    httpx.RequestError, with the last error as its __cause__.
+    RetriesExhausted (an httpx.RequestError), with the last error as its __cause__.
+    Once the run is stopping (Ctrl+C, a worker's error), no attempt starts: RunStopped.
     """
 
     def decorator(func):
         @functools.wraps(func)
         def wrapper(*args, **kwargs):
-            func_name = func.__name__
-            last_error = None
-            for attempt in range(1, ERROR_MAX_RETRY + 1):
-                if _stop_requested.is_set():
-                    raise RunStopped(f"{func_name} not called: the run is stopping")
-                try:
-                    return func(*args, **kwargs)
-                except (httpx.RequestError, httpx.HTTPStatusError) as exc:
-                    if not _is_retryable(exc, idempotent):
-                        logging.info(f"Error in {func_name}, not retried: {describe_error(exc)}")
-                        raise
-                    last_error = exc
-                    logging.warning(
-                        f"Error in {func_name} (Attempt {attempt}/{ERROR_MAX_RETRY}): {describe_error(exc)}"
-                    )
-                    if _status_of(exc) == 401:
-                        logging.info(f"Token expired for {func_name}. Refreshing token for {app}.")
-                        new_token(app, rejected_token=_bearer_token(exc.request))
-                    elif attempt < ERROR_MAX_RETRY:
-                        _pause(_retry_delay(exc))
-            message = f"Persistent error in {func_name} after {ERROR_MAX_RETRY} attempts: {describe_error(last_error)}"
-            logging.critical(message)
-            raise httpx.RequestError(message) from last_error
+            def refresh_rejected_token(exc):
+                logging.info(f"Token expired for {func.__name__}. Refreshing token for {app}.")
+                new_token(app, rejected_token=_bearer_token(exc.request))
+
+            call = functools.partial(func, *args, **kwargs)
+            return _call_with_retries(call, func.__name__, idempotent, on_unauthorized=refresh_rejected_token)
 
         return wrapper
 
     return decorator
+
+
+class RetriesExhausted(httpx.RequestError):
+    """ERROR_MAX_RETRY attempts failed; the last error is the __cause__."""
+
+
+def _call_with_retries(call, name, idempotent, on_unauthorized=None):
+    """call(), retried by the rules of api_call_with_retry(); on_unauthorized(error), when
+    given, runs after a 401 and before the next attempt."""
+    last_error = None
+    for attempt in range(1, ERROR_MAX_RETRY + 1):
+        if _stop_requested.is_set():
+            raise RunStopped(f"{name} not called: the run is stopping")
+        try:
+            return call()
+        except (httpx.RequestError, httpx.HTTPStatusError) as exc:
+            unauthorized = on_unauthorized is not None and _status_of(exc) == 401
+            if not (unauthorized or _is_retryable(exc, idempotent)):
+                logging.info(f"Error in {name}, not retried: {describe_error(exc)}")
+                raise
+            last_error = exc
+            logging.warning(f"Error in {name} (Attempt {attempt}/{ERROR_MAX_RETRY}): {describe_error(exc)}")
+            if unauthorized:
+                on_unauthorized(exc)
+            elif attempt < ERROR_MAX_RETRY:
+                _pause(_retry_delay(exc))
+    message = f"Persistent error in {name} after {ERROR_MAX_RETRY} attempts: {describe_error(last_error)}"
+    logging.critical(message)
+    raise RetriesExhausted(message) from last_error
 
 
 def _status_of(exc):
@@ -622,9 +658,9 @@ def _status_of(exc):
 
 
 def _is_retryable(exc, idempotent) -> bool:
+    """Whether another attempt may succeed; for a call that is not idempotent, only when
+    the server cannot have processed this one."""
     status = _status_of(exc)
-    if status == 401:
-        return True  # after a token refresh: the server refused the request unprocessed
     if idempotent:
         return status in RETRY_ON_STATUS if status else isinstance(exc, RETRY_ON_ERRORS)
     return status in NOT_PROCESSED_STATUS if status else isinstance(exc, NOT_SENT_ERRORS)
@@ -842,7 +878,6 @@ def _main() -> int:
     """Run main() as a terminal user or an unattended runner expects. Returns the exit status."""
     _configure_logging()
     logging.info(f"{os.path.basename(__file__)} started (template {__version__})")
-    exit_status = EXIT_FAILURE
     try:
         _check_settings()
         exit_status = main() or EXIT_SUCCESS
@@ -852,9 +887,10 @@ def _main() -> int:
         _report("Interrupted by the user.")
     except SettingError as exc:
         exit_status = EXIT_BAD_SETTING
-        logging.critical(f"Setting error: {exc}")
+        logging.critical(f"Setting error: {exc}", exc_info=True)
         _report(f"Setting error: {exc}")
     except Exception as exc:
+        exit_status = EXIT_FAILURE
         logging.critical(f"Script terminated with exception: {exc}", exc_info=True)
         _report(f"Script stopped due to error: {describe_error(exc)}")
     finally:

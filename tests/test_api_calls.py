@@ -123,6 +123,16 @@ def test_a_write_is_not_repeated_after_a_read_timeout(logged_in, fake):
     assert fake.calls(RECORDS) == 1
 
 
+@pytest.mark.fake(latency=0.5)
+def test_a_read_that_times_out_is_retried(logged_in, fake, monkeypatch):
+    monkeypatch.setattr(logged_in, "ERROR_MAX_RETRY", 2)
+    monkeypatch.setattr(logged_in, "API_TIMEOUT", 0.1)
+    with pytest.raises(httpx.RequestError) as raised:
+        logged_in.get_all_organizations()
+    assert isinstance(raised.value.__cause__, httpx.ReadTimeout)
+    assert fake.calls(ORGANIZATIONS) == 2
+
+
 @pytest.mark.parametrize("status", [429, 503])
 def test_a_write_is_retried_when_the_server_did_not_process_it(logged_in, fake, status):
     fake.fail_next(RECORDS, status=status)

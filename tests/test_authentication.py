@@ -1,8 +1,11 @@
 """login() answered through prompt_toolkit pipe input, new_token() and main() against the
 fake platform over real sockets."""
 
+import threading
 from contextlib import contextmanager
+from time import perf_counter
 
+import httpx
 import pytest
 from prompt_toolkit.application import create_app_session
 from prompt_toolkit.input import create_pipe_input
@@ -10,6 +13,8 @@ from prompt_toolkit.output import DummyOutput
 
 from fake_platform import DEMO_PASSWORD, DEMO_USER_NAME
 
+LOGIN = "/api/auth/ziwig-pro/login"
+REFRESH = "/api/auth/refreshToken"
 ENTER = "\r"
 CTRL_C = "\x03"
 ERASE_DEFAULT = "\x7f" * 60  # backspaces over a prefilled default
@@ -91,13 +96,65 @@ def test_a_rejected_refresh_token_logs_in_again_silently(logged_in, fake):
     assert fake.refreshes == 0
 
 
-def test_a_refresh_that_keeps_failing_is_reported_with_its_cause(logged_in, fake, monkeypatch):
+def test_a_refresh_the_server_never_processed_is_retried_then_reported(logged_in, fake, monkeypatch):
     monkeypatch.setattr(logged_in, "ERROR_MAX_RETRY", 3)
-    fake.fail_next("/api/auth/refreshToken", count=10, status=503, service="RC")
-    with pytest.raises(logged_in.httpx.RequestError) as raised:
+    fake.fail_next(REFRESH, count=10, status=503, service="RC")
+    with pytest.raises(httpx.RequestError) as raised:
         logged_in.new_token("RC")
-    assert "refresh_token for RC: 503" in str(raised.value)
+    assert "refresh_token for RC after 3 attempts: 503" in str(raised.value)
     assert fake.refresh_attempts == 3
+    assert fake.logins == 1
+
+
+@pytest.mark.parametrize("failure", [{"status": 500}, {"drop": True}])
+def test_a_refresh_that_may_have_spent_the_refresh_token_is_not_repeated(logged_in, fake, failure):
+    fake.fail_next(REFRESH, service="RC", **failure)
+    logged_in.new_token("RC")
+    assert fake.refresh_attempts == 1  # the refresh token is never presented twice
+    assert fake.logins == 2  # a new login replaced it
+    assert logged_in.get_all_organizations()
+
+
+def test_a_refused_new_login_is_not_repeated(logged_in, fake):
+    fake.users[DEMO_USER_NAME] = "changed-since-the-run-started"
+    fake.expire_refresh_tokens("RC")
+    with pytest.raises(httpx.HTTPStatusError) as raised:
+        logged_in.new_token("RC")
+    assert raised.value.response.status_code == 401
+    assert fake.calls(LOGIN) == 2  # the fixture's, then one refused: no lockout by retries
+
+
+@pytest.mark.fake(auth_latency=0.1)
+def test_threads_that_waited_for_a_failed_refresh_do_not_each_try_again(logged_in, fake, monkeypatch):
+    monkeypatch.setattr(logged_in, "ERROR_MAX_RETRY", 3)
+    fake.fail_next(REFRESH, count=100, status=503, service="RC")
+    rejected = logged_in.tokens["RC"]["access_token"]
+    errors = []
+
+    def refresh():
+        try:
+            logged_in.new_token("RC", rejected_token=rejected)
+        except httpx.RequestError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=refresh) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(errors) == 10
+    assert fake.refresh_attempts == 3
+
+
+def test_a_stop_ends_a_failing_refresh_at_once(logged_in, fake, monkeypatch):
+    monkeypatch.setattr(logged_in, "WAIT_BEFORE_RETRY", 5)
+    fake.fail_next(REFRESH, count=100, status=503, service="RC")
+    threading.Timer(0.2, logged_in.request_stop).start()
+    started = perf_counter()
+    with pytest.raises(logged_in.RunStopped):
+        logged_in.new_token("RC")
+    assert perf_counter() - started < 2
+    assert fake.refresh_attempts == 1
 
 
 def test_the_default_main_counts_every_inclusion_end_to_end(interactive, fake, capsys):
@@ -113,8 +170,9 @@ def test_the_default_main_counts_every_inclusion_end_to_end(interactive, fake, c
     assert fake.calls("/api/inclusions/search") == 12
 
 
-def test_a_wrong_password_is_asked_again_at_the_terminal(interactive, fake):
-    with keyboard(ENTER, "wrong" + ENTER, ENTER, DEMO_PASSWORD + ENTER):
+@pytest.mark.fake(users={DEMO_USER_NAME: DEMO_PASSWORD, "someone@else.org": "her-password"})
+def test_after_a_failed_login_the_next_prompt_offers_the_user_name_typed(interactive, fake):
+    with keyboard(ERASE_DEFAULT + "someone@else.org" + ENTER, "wrong" + ENTER, ENTER, "her-password" + ENTER):
         assert interactive.login() == "Error"
         assert interactive.login() == "Success"
-    assert interactive._credentials["user_name"] == DEMO_USER_NAME
+    assert interactive._credentials["user_name"] == "someone@else.org"

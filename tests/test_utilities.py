@@ -106,11 +106,27 @@ def test_each_thread_gets_one_client_and_reuses_it(template):
     assert len({id(first) for first, _ in results}) == 4
 
 
-def test_every_client_shares_one_tls_context(template):
+def test_clients_of_all_threads_share_one_tls_context_so_a_new_thread_starts_fast(template):
     with ThreadPoolExecutor(max_workers=3) as pool:
         clients = list(pool.map(lambda _: template.get_httpx_client(), range(3)))
     contexts = {id(client._transport._pool._ssl_context) for client in clients}
     assert contexts == {id(template._ssl_context)}
+
+
+def test_a_second_phase_pool_left_by_ctrl_c_runs_none_of_its_queued_tasks(template):
+    started = []
+
+    def task():
+        started.append(1)
+        threading.Event().wait(0.05)
+
+    with pytest.raises(KeyboardInterrupt):
+        with template.StoppableThreadPool(max_workers=2) as pool:
+            for _ in range(300):
+                pool.submit(task)
+            raise KeyboardInterrupt
+    assert len(started) <= 4
+    assert template._stop_requested.is_set()
 
 
 def test_an_http_error_is_described_on_one_line():
@@ -125,11 +141,11 @@ def test_an_http_error_is_described_on_one_line():
     "value, low, high",
     [(None, 0, 0), ("", 0, 0), ("3", 3, 3), ("1.5", 1.5, 1.5), ("soon", 0, 0), ("-5", -5, -5)],
 )
-def test_retry_after_seconds_are_read(value, low, high):
+def test_retry_after_in_seconds_is_understood_and_nonsense_ignored(value, low, high):
     assert low <= template._seconds_from_retry_after(value) <= high
 
 
-def test_retry_after_http_date_is_read():
+def test_retry_after_as_an_http_date_is_understood():
     in_ten_seconds = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=10), usegmt=True)
     assert 8 <= template._seconds_from_retry_after(in_ten_seconds) <= 10
 
