@@ -58,26 +58,29 @@ def template(fake, monkeypatch):
     for name, url in fake.urls.items():
         monkeypatch.setitem(module.MICROSERVICES[name], "base_url", url)
     monkeypatch.setattr(module, "WAIT_BEFORE_RETRY", 0.01)
-    module.tokens.clear()
-    module._credentials.clear()
-    module._stop_requested.clear()
-    module.httpx_clients.clear()
+    reset_state(module)
     yield module
     for client in module.httpx_clients.values():
         client.close()
-    module.httpx_clients.clear()
-    module.tokens.clear()
-    module._credentials.clear()
+    reset_state(module)
+
+
+def reset_state(module):
+    """The template's globals as a new process has them."""
+    for collection in (module.tokens, module.httpx_clients, module._credentials, module._secrets,
+                       module._failed_renewals):
+        collection.clear()
     module._stop_requested.clear()
+    module.main_thread_pool = module.subtasks_thread_pool = None
 
 
 @pytest.fixture
-def logged_in(template, fake):
-    """The template after a successful login to the fake, without prompts."""
-    master_token, user_id = template._log_in_to_iam(DEMO_USER_NAME, DEMO_PASSWORD)
-    for app in ("RC", "GDD"):
-        template.tokens[app] = template._configure_token(app, master_token, user_id)
-    template._credentials.update(user_name=DEMO_USER_NAME, password=DEMO_PASSWORD)
+def logged_in(template, monkeypatch):
+    """The template after a successful unattended login to the fake."""
+    monkeypatch.setenv("EB_NON_INTERACTIVE", "1")
+    monkeypatch.setattr(template, "DEFAULT_USER_NAME", DEMO_USER_NAME)
+    monkeypatch.setattr(template, "DEFAULT_PASSWORD", DEMO_PASSWORD)
+    assert template.login() == "Success"
     return template
 
 

@@ -73,6 +73,7 @@ def test_login_with_empty_answers_exits(interactive, fake):
     assert fake.calls("/api/auth/ziwig-pro/login") == 0
 
 
+@pytest.mark.timeout(10)  # answering None would leave login() waiting at the next prompt
 def test_ctrl_c_at_the_login_prompt_cancels_instead_of_answering_none(interactive, fake):
     with keyboard(CTRL_C), pytest.raises(KeyboardInterrupt):
         interactive.login()
@@ -115,13 +116,21 @@ def test_a_refresh_that_may_have_spent_the_refresh_token_is_not_repeated(logged_
     assert logged_in.get_all_organizations()
 
 
-def test_a_refused_new_login_is_not_repeated(logged_in, fake):
+def test_a_silent_login_refused_because_the_password_changed_is_not_repeated(logged_in, fake):
     fake.users[DEMO_USER_NAME] = "changed-since-the-run-started"
     fake.expire_refresh_tokens("RC")
     with pytest.raises(httpx.HTTPStatusError) as raised:
         logged_in.new_token("RC")
     assert raised.value.response.status_code == 401
     assert fake.calls(LOGIN) == 2  # the fixture's, then one refused: no lockout by retries
+
+
+def test_a_silent_login_forbidden_by_iam_is_tried_once(logged_in, fake):
+    fake.expire_refresh_tokens("RC")
+    fake.fail_next(LOGIN, count=20, status=403)
+    with pytest.raises(httpx.HTTPStatusError):
+        logged_in.new_token("RC")
+    assert fake.calls(LOGIN) == 2
 
 
 @pytest.mark.fake(auth_latency=0.1)

@@ -41,6 +41,7 @@ def test_the_template_runs_unattended_without_a_prompt_or_a_pause(tmp_path, fake
     assert result.stderr == ""
     log = (tmp_path / "my_job.log").read_text(encoding="utf-8")
     assert "Exit status 0" in log
+    assert "HTTP Request:" not in log  # httpx's line per request only at DEBUG
 
 
 def test_a_wrong_password_fails_at_once_with_one_line(tmp_path, fake):

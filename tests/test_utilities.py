@@ -1,5 +1,6 @@
 """The pure helpers of the template, tested in process."""
 
+import logging
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ import pytest
 import eb_script_template as template
 from conftest import ROOT, script_environment
 from eb_script_template import get_nested_value
+from fake_platform import DEMO_PASSWORD
 
 DATA = {
     "a": {"b": 1, "none": None, "zero": 0},
@@ -127,6 +129,34 @@ def test_a_second_phase_pool_left_by_ctrl_c_runs_none_of_its_queued_tasks(templa
             raise KeyboardInterrupt
     assert len(started) <= 4
     assert template._stop_requested.is_set()
+
+
+def test_a_stop_cancels_the_tasks_still_queued_in_both_pools(template):
+    release = threading.Event()
+    template.main_thread_pool = template.StoppableThreadPool(1)
+    template.subtasks_thread_pool = template.StoppableThreadPool(1)
+    queued = []
+    for pool in (template.main_thread_pool, template.subtasks_thread_pool):
+        pool.submit(release.wait)
+        queued += [pool.submit(int) for _ in range(5)]
+    template.request_stop()
+    release.set()
+    assert all(future.cancelled() for future in queued)
+
+
+def test_the_log_shows_stars_instead_of_the_password_and_tokens(logged_in):
+    pair = logged_in.tokens["RC"]
+    record = logging.LogRecord("job", logging.DEBUG, __file__, 1, "%s", None, None)
+    record.args = (f"password={DEMO_PASSWORD} access={pair['access_token']} refresh={pair['refresh_token']}",)
+    text = logged_in._SecretRedactingFormatter("%(message)s").format(record)
+    assert text == "password=*** access=*** refresh=***"
+
+
+def test_a_password_file_keeps_spaces_and_drops_only_the_final_line_break(template, tmp_path, monkeypatch):
+    path = tmp_path / "password.txt"
+    path.write_bytes(b"  pass word \t\r\n")
+    monkeypatch.setenv("EB_PASSWORD_FILE", str(path))
+    assert template._password_setting() == "  pass word \t"
 
 
 def test_an_http_error_is_described_on_one_line():
