@@ -141,12 +141,13 @@ def test_a_closed_stdin_is_an_unattended_run(tmp_path, fake):
     assert "Elapsed time" in result.stdout
 
 
-# The README's way: `with main_thread_pool as executor:` and as_completed(), whose exit
-# would wait for every queued task unless something cancels them.
-README_WAY_JOB = """\
+# The README's way, `with main_thread_pool as executor:`, whose exit would wait for every
+# queued task unless something cancels them; with the README's iter_completed() and with
+# the standard as_completed().
+BUSY_JOB = """\
     with main_thread_pool as executor:
         futures = [executor.submit(get_all_organizations) for _ in range(400)]
-        for future in as_completed(futures):
+        for future in {wait}(futures):
             future.result()
 """
 
@@ -154,8 +155,9 @@ README_WAY_JOB = """\
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT, which Windows cannot send to one process")
 @pytest.mark.fake(latency=2.0)
 @pytest.mark.usefixtures("sigint_reaches_children")
-def test_ctrl_c_mid_run_stops_20_busy_threads_within_seconds(tmp_path, fake):
-    script = write_copy(tmp_path, README_WAY_JOB)
+@pytest.mark.parametrize("wait", ["iter_completed", "as_completed"])
+def test_ctrl_c_mid_run_stops_20_busy_threads_within_seconds(tmp_path, fake, wait):
+    script = write_copy(tmp_path, BUSY_JOB.format(wait=wait))
     environment = script_environment(fake, EB_THREADS="20", EB_PASSWORD=DEMO_PASSWORD)
     process = subprocess.Popen(
         [sys.executable, script.name], cwd=tmp_path, env=environment,

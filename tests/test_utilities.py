@@ -131,6 +131,23 @@ def test_a_second_phase_pool_left_by_ctrl_c_runs_none_of_its_queued_tasks(templa
     assert template._stop_requested.is_set()
 
 
+def test_iter_completed_yields_each_task_once_as_it_finishes(template):
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(threading.Event().wait, delay) for delay in (0.3, 0.0, 0.15)]
+        futures.append(futures[1])  # a future given twice is yielded once, as as_completed() does
+        finished = list(template.iter_completed(futures))
+    assert finished == [futures[1], futures[2], futures[0]]
+
+
+def test_iter_completed_yields_a_cancelled_task_too(template):
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        release = threading.Event()
+        running, queued = pool.submit(release.wait), pool.submit(int)
+        queued.cancel()
+        release.set()
+        assert set(template.iter_completed([running, queued])) == {running, queued}
+
+
 def test_a_stop_cancels_the_tasks_still_queued_in_both_pools(template):
     release = threading.Event()
     template.main_thread_pool = template.StoppableThreadPool(1)
