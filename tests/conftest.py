@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,24 @@ def logged_in(template, monkeypatch):
     monkeypatch.setattr(template, "DEFAULT_PASSWORD", DEMO_PASSWORD)
     assert template.login() == "Success"
     return template
+
+
+def errors_in_threads(function, count):
+    """Run function() in `count` threads at once; the exceptions they raised."""
+    errors = []
+
+    def call():
+        try:
+            function()
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
 
 
 def write_copy(directory, job=None, name="my_job.py", replacements=()):

@@ -11,6 +11,7 @@ from prompt_toolkit.application import create_app_session
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
+from conftest import errors_in_threads
 from fake_platform import DEMO_PASSWORD, DEMO_USER_NAME
 
 LOGIN = "/api/auth/ziwig-pro/login"
@@ -138,20 +139,8 @@ def test_threads_that_waited_for_a_failed_refresh_do_not_each_try_again(logged_i
     monkeypatch.setattr(logged_in, "ERROR_MAX_RETRY", 3)
     fake.fail_next(REFRESH, count=100, status=503, service="RC")
     rejected = logged_in.tokens["RC"]["access_token"]
-    errors = []
-
-    def refresh():
-        try:
-            logged_in.new_token("RC", rejected_token=rejected)
-        except httpx.RequestError as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=refresh) for _ in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(errors) == 10
+    errors = errors_in_threads(lambda: logged_in.new_token("RC", rejected_token=rejected), 10)
+    assert len(errors) == 10 and all(isinstance(error, httpx.RequestError) for error in errors)
     assert fake.refresh_attempts == 3
 
 

@@ -37,6 +37,17 @@ def spawn(script, fake, **settings):
     )
 
 
+def finish_job(child):
+    """Wait for the job's output and the final pause, press Enter; the exit status."""
+    child.expect("My job saw 8 organizations")
+    child.expect(r"Elapsed time: \d+:\d\d:\d\d")
+    child.expect("Press Enter to exit...")
+    child.send("\r")
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.exitstatus
+
+
 def answer_prompts(child, password=DEMO_PASSWORD, threads="\r"):
     child.expect("login:")
     child.send("\r")  # the default user name
@@ -54,13 +65,7 @@ def test_a_user_runs_a_copy_answers_the_prompts_and_finds_the_log(tmp_path, fake
     )
     child = spawn(script, fake)
     answer_prompts(child)
-    child.expect("My job saw 8 organizations")
-    child.expect(r"Elapsed time: \d+:\d\d:\d\d")
-    child.expect("Press Enter to exit...")
-    child.send("\r")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    assert finish_job(child) == 0
 
     log = (tmp_path / "my_job.log").read_text(encoding="utf-8")
     assert "Exit status 0" in log
@@ -90,12 +95,7 @@ def test_a_wrong_password_at_the_terminal_is_asked_again(tmp_path, fake):
     child.send("wrong\r")
     child.expect("Login Error: 401 Unauthorized")
     answer_prompts(child)
-    child.expect("My job saw 8 organizations")
-    child.expect("Press Enter to exit...")
-    child.send("\r")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    assert finish_job(child) == 0
 
 
 def test_an_invalid_thread_count_is_refused_at_the_prompt(tmp_path, fake):
@@ -103,12 +103,7 @@ def test_an_invalid_thread_count_is_refused_at_the_prompt(tmp_path, fake):
     answer_prompts(child, threads="\x7f\x7f" + "99\r")
     child.expect("Invalid input")
     child.send("\x7f\x7f5\r")
-    child.expect("My job saw 8 organizations")
-    child.expect("Press Enter to exit...")
-    child.send("\r")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    assert finish_job(child) == 0
 
 
 def test_eb_non_interactive_makes_a_terminal_run_unattended(tmp_path, fake):
