@@ -57,6 +57,12 @@ def test_the_readme_gives_each_constant_its_real_default(name):
     assert row[1] == repr(getattr(template, name))
 
 
+def test_the_readme_documents_every_constant():
+    constants = [name for name in vars(template) if name.isupper() and not name.startswith("_")]
+    missing = [name for name in constants if f"`{name}`" not in README]
+    assert missing == []
+
+
 def test_the_spec_keeps_the_user_s_defaults():
     assert (template.MAX_THREADS, template.SUBTASKS_POOL_SIZE) == (20, 40)
     assert (template.ERROR_MAX_RETRY, template.WAIT_BEFORE_RETRY, template.API_TIMEOUT) == (10, 0.5, 60)
