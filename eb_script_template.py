@@ -190,7 +190,7 @@ _secrets = set()
 # for a renewal that failed raises its error instead of trying again in its turn
 _failed_renewals = {}
 
-# One TLS context for every client: building one costs ~50 ms of CPU (certificates)
+# One TLS context for every client: building one costs 30-60 ms of CPU (certificates)
 _ssl_context = None
 _ssl_context_lock = threading.Lock()
 
