@@ -126,9 +126,6 @@ RETRY_ON_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProto
 # failures that prove the server did not process the request.
 NOT_PROCESSED_STATUS = frozenset({429, 503})
 NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-# Answers of a refresh endpoint that mean "this refresh token is no longer valid": the
-# script then logs in again with the credentials given at login, without a prompt.
-REFRESH_REJECTED_STATUS = frozenset({400, 401, 403})
 
 LOG_LEVEL = logging.INFO  # Default log level (DEBUG for details)
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"
