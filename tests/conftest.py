@@ -1,6 +1,7 @@
 """Fixtures shared by the tests: the fake platform on 127.0.0.1, the template module
 pointed at it, and the way users and runners run a copy of the template."""
 
+import json
 import os
 import re
 import signal
@@ -68,10 +69,16 @@ def template(fake, monkeypatch):
 
 def reset_state(module):
     """The template's globals as a new process has them."""
+    if module._journal["file"] is not None:
+        module._journal["file"].close()
     for collection in (module.tokens, module.httpx_clients, module._credentials, module._secrets,
-                       module._failed_renewals):
+                       module._failed_renewals, module.failed_items, module._write_outcomes,
+                       module._writes_in_flight):
         collection.clear()
+    module._journal.update(file=None, run=None, dry_run=False, resume={}, resumed_runs=[], uncertain=[])
     module._stop_requested.clear()
+    module._finishing.clear()
+    module._stop_signal = None
     module.main_thread_pool = module.subtasks_thread_pool = None
 
 
@@ -83,6 +90,22 @@ def logged_in(template, monkeypatch):
     monkeypatch.setattr(template, "DEFAULT_PASSWORD", DEMO_PASSWORD)
     assert template.login() == "Success"
     return template
+
+
+@pytest.fixture
+def writing(logged_in, monkeypatch, tmp_path):
+    """The template logged in, as a script that changes data in a real run: CHANGES_DATA
+    True, its write journal open in a temporary working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(logged_in, "CHANGES_DATA", True)
+    logged_in.start_journal(dry_run=False)
+    return logged_in
+
+
+def journal_lines(directory, name="eb_script_template"):
+    """The lines of a write journal, parsed."""
+    path = Path(directory) / f"{name}.journal.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def errors_in_threads(function, count):

@@ -6,9 +6,13 @@ from time import perf_counter
 import httpx
 import pytest
 
+from conftest import journal_lines
+from fake_platform import DEMO_USER_NAME
+
 ORGANIZATIONS = "/api/inclusions/getAllOrganizations"
 SEARCH = "/api/inclusions/search"
 RECORDS = "/api/records"
+UPDATE = "/api/records/byPatient"
 
 
 def test_a_decorated_get_returns_the_json(logged_in):
@@ -95,23 +99,47 @@ def test_a_server_that_is_down_is_retried_then_reported(logged_in, monkeypatch):
     assert isinstance(raised.value.__cause__, httpx.ConnectError)
 
 
-def test_a_write_is_not_repeated_after_a_5xx(logged_in, fake):
-    fake.fail_next(RECORDS, status=500)
+def outcomes(directory, key=None):
+    """The outcome lines of the journal's writes, in order."""
+    return [line["outcome"] for line in journal_lines(directory) if "key" in line and key in (None, line["key"])]
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_a_write_answered_5xx_is_sent_once_and_journaled_unknown(writing, fake, tmp_path, status):
+    fake.fail_next(RECORDS, status=status)
     with pytest.raises(httpx.HTTPStatusError):
-        logged_in.create_record("pat-001-0001", {"weight": 70})
+        writing.create_record("pat-001-0001", {"weight": 70})
     assert fake.calls(RECORDS) == 1
-    assert fake.created_records() == []
+    assert outcomes(tmp_path) == ["sending", "unknown"]
+    assert writing.writes_left_undone() == 1
 
 
-def test_a_write_is_not_repeated_after_a_read_timeout(logged_in, fake):
+def test_a_write_the_server_applied_before_answering_503_is_applied_once(writing, fake, tmp_path):
+    fake.fail_next(UPDATE, method="PATCH", status=503, after_processing=True)
+    with pytest.raises(httpx.HTTPStatusError):
+        writing.update_record_fields("pat-001-0001", {"consent": "v2"})
+    assert fake.changes("pat-001-0001") == 1
+    assert fake.calls(UPDATE) == 1
+    assert outcomes(tmp_path) == ["sending", "unknown"]
+
+
+def test_a_write_whose_answer_is_lost_is_not_sent_again(writing, fake, tmp_path):
+    fake.fail_next(UPDATE, method="PATCH", drop=True, after_processing=True)
+    with pytest.raises(httpx.RemoteProtocolError):
+        writing.update_record_fields("pat-001-0001", {"consent": "v2"})
+    assert fake.changes("pat-001-0001") == 1
+    assert outcomes(tmp_path) == ["sending", "unknown"]
+
+
+def test_a_write_is_not_repeated_after_a_read_timeout(writing, fake, tmp_path):
     fake.latency = 1.0
 
-    @logged_in.api_call_with_retry("RC", idempotent=False)
+    @writing.api_call_with_retry("RC", idempotent=False)
     def create_record_with_short_timeout():
-        client = logged_in.get_httpx_client()
+        client = writing.get_httpx_client()
         response = client.post(
             fake.urls["RC"] + RECORDS,
-            headers={"Authorization": f"Bearer {logged_in.tokens['RC']['access_token']}"},
+            headers={"Authorization": f"Bearer {writing.tokens['RC']['access_token']}"},
             json={"patientId": "pat-001-0001", "fields": {}},
             timeout=0.3,
         )
@@ -121,6 +149,7 @@ def test_a_write_is_not_repeated_after_a_read_timeout(logged_in, fake):
     with pytest.raises(httpx.ReadTimeout):
         create_record_with_short_timeout()
     assert fake.calls(RECORDS) == 1
+    assert outcomes(tmp_path) == ["sending", "unknown"]
 
 
 @pytest.mark.fake(latency=0.5)
@@ -133,28 +162,73 @@ def test_a_read_that_times_out_is_retried(logged_in, fake, monkeypatch):
     assert fake.calls(ORGANIZATIONS) == 2
 
 
-@pytest.mark.parametrize("status", [429, 503])
-def test_a_write_is_retried_when_the_server_did_not_process_it(logged_in, fake, status):
-    fake.fail_next(RECORDS, status=status)
-    record = logged_in.create_record("pat-001-0001", {"weight": 70})
+def test_a_write_refused_with_429_is_sent_again_and_done_once(writing, fake, tmp_path):
+    fake.fail_next(RECORDS, status=429)
+    record = writing.create_record("pat-001-0001", {"weight": 70})
     assert record["patientId"] == "pat-001-0001"
     assert fake.calls(RECORDS) == 2
     assert len(fake.created_records()) == 1
+    assert outcomes(tmp_path) == ["sending", "sending", "done"]
 
 
-def test_a_write_is_retried_after_a_refused_connection(logged_in, fake, monkeypatch):
-    monkeypatch.setattr(logged_in, "ERROR_MAX_RETRY", 2)
-    monkeypatch.setitem(logged_in.MICROSERVICES["RC"], "base_url", "http://127.0.0.1:9")
+def test_a_write_refused_with_4xx_is_journaled_failed(writing, fake, tmp_path):
+    with pytest.raises(httpx.HTTPStatusError):
+        writing.update_record_fields("pat-999-9999", {"consent": "v2"})
+    assert outcomes(tmp_path) == ["sending", "failed"]
+    assert journal_lines(tmp_path)[-1]["status"] == 404
+
+
+def test_a_write_is_retried_after_a_refused_connection_then_journaled_failed(writing, fake, monkeypatch, tmp_path):
+    monkeypatch.setattr(writing, "ERROR_MAX_RETRY", 2)
+    monkeypatch.setitem(writing.MICROSERVICES["RC"], "base_url", "http://127.0.0.1:9")
     with pytest.raises(httpx.RequestError) as raised:
-        logged_in.create_record("pat-001-0001", {})
-    assert "after 2 attempts: ConnectError" in str(raised.value)
+        writing.create_record("pat-001-0001", {})
+    assert "after 2 attempts: POST http://127.0.0.1:9/api/records: cannot connect" in str(raised.value)
+    assert outcomes(tmp_path) == ["sending", "sending", "failed"]
 
 
-def test_a_write_with_an_expired_token_is_refreshed_and_sent_once(logged_in, fake):
+def test_a_write_with_an_expired_token_is_refreshed_and_sent_once(writing, fake, tmp_path):
     fake.expire_access_tokens("RC")
-    logged_in.create_record("pat-001-0001", {"weight": 70})
+    writing.create_record("pat-001-0001", {"weight": 70})
     assert fake.refreshes == 1
     assert len(fake.created_records()) == 1
+    assert outcomes(tmp_path) == ["sending", "sending", "done"]  # the 401, then the write
+
+
+def test_a_write_line_says_who_what_when_and_holds_no_token(writing, fake, tmp_path):
+    writing.update_record_fields("pat-001-0002", {"consent": "v2"})
+    sending, done = [line for line in journal_lines(tmp_path) if "key" in line]
+    assert sending["method"] == "PATCH" and sending["url"].endswith(UPDATE + "?patientId=pat-001-0002")
+    assert sending["body"] == {"fields": {"consent": "v2"}}
+    assert sending["user"] == DEMO_USER_NAME and sending["call"] == "update_record_fields"
+    assert done["status"] == 200 and done["time"].endswith("Z") and done["key"] == sending["key"]
+    text = (tmp_path / "eb_script_template.journal.jsonl").read_text(encoding="utf-8")
+    assert [secret for secret in fake.issued_secrets() if secret in text] == []
+
+
+def test_the_same_write_with_the_same_arguments_has_the_same_key(writing):
+    function = writing.update_record_fields.__wrapped__
+    first = writing._Write(function, ("pat-1", {"a": 1, "b": 2}), {})
+    again = writing._Write(function, (), {"fields": {"b": 2, "a": 1}, "patient_id": "pat-1"})
+    other = writing._Write(function, ("pat-2", {"a": 1, "b": 2}), {})
+    assert first.key == again.key != other.key
+
+
+def test_a_write_in_a_script_that_does_not_change_data_is_refused_before_anything_is_sent(logged_in, fake):
+    with pytest.raises(logged_in.WritesNotAllowed, match="CHANGES_DATA"):
+        logged_in.update_record_fields("pat-001-0001", {"consent": "v2"})
+    assert fake.calls(UPDATE) == 0
+
+
+def test_a_put_from_a_function_not_declared_as_a_write_is_refused(logged_in, fake):
+    @logged_in.api_call_with_retry("RC")
+    def sneaky_put():
+        client = logged_in.get_httpx_client()
+        return client.put(fake.urls["RC"] + UPDATE, params={"patientId": "pat-001-0001"}, json={"fields": {}})
+
+    with pytest.raises(logged_in.UndeclaredWrite, match="idempotent=False"):
+        sneaky_put()
+    assert fake.calls(UPDATE) == 0
 
 
 def test_no_call_starts_once_the_run_is_stopping(logged_in, fake):

@@ -58,14 +58,41 @@ def test_login_when_iam_is_down_is_an_error(interactive, monkeypatch, capsys):
     monkeypatch.setitem(interactive.MICROSERVICES["IAM"], "base_url", "http://127.0.0.1:9")
     with keyboard(ENTER, DEMO_PASSWORD + ENTER):
         assert interactive.login() == "Error"
-    assert "Login Error: ConnectError" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "Login Error: " in error and "cannot connect" in error and "after 10 attempts" in error
 
 
-def test_login_when_a_config_token_fails_is_an_error(interactive, fake, capsys):
-    fake.fail_next("/api/auth/config-token", status=500, service="GDD")
+def test_login_when_a_config_token_keeps_failing_is_an_error(interactive, fake, capsys):
+    fake.fail_next("/api/auth/config-token", count=20, status=500, service="GDD")
     with keyboard(ENTER, DEMO_PASSWORD + ENTER):
         assert interactive.login() == "Error"
-    assert "Config-token Error for GDD: 500" in capsys.readouterr().err
+    assert "Config-token Error for GDD: Persistent error" in capsys.readouterr().err
+    assert fake.calls("/api/auth/config-token", service="GDD") == 10
+
+
+@pytest.mark.parametrize("path, failure", [(LOGIN, {"status": 503}), (LOGIN, {"drop": True}),
+                                           ("/api/auth/config-token", {"status": 502})])
+def test_a_transient_failure_at_the_first_login_is_retried_and_the_login_succeeds(interactive, fake, path, failure):
+    fake.fail_next(path, **failure)
+    with keyboard(ENTER, DEMO_PASSWORD + ENTER):
+        assert interactive.login() == "Success"
+    assert set(interactive.tokens) == {"RC", "GDD"}
+
+
+def test_a_wrong_password_is_not_retried(interactive, fake):
+    with keyboard(ENTER, "wrong-password" + ENTER):
+        assert interactive.login() == "Error"
+    assert fake.calls(LOGIN) == 1
+
+
+@pytest.mark.fake(auth_latency=0.3)
+def test_the_config_tokens_are_asked_in_parallel(interactive, fake):
+    with keyboard(ENTER, DEMO_PASSWORD + ENTER):
+        started = perf_counter()
+        assert interactive.login() == "Success"
+        elapsed = perf_counter() - started
+    # One login then RC and GDD together: two round trips of 0.3 s, not three.
+    assert 0.6 <= elapsed < 0.85
 
 
 def test_login_with_empty_answers_exits(interactive, fake):
@@ -100,15 +127,15 @@ def test_a_rejected_refresh_token_logs_in_again_silently(logged_in, fake):
 
 def test_a_refresh_the_server_never_processed_is_retried_then_reported(logged_in, fake, monkeypatch):
     monkeypatch.setattr(logged_in, "ERROR_MAX_RETRY", 3)
-    fake.fail_next(REFRESH, count=10, status=503, service="RC")
+    fake.fail_next(REFRESH, count=10, status=429, service="RC")
     with pytest.raises(httpx.RequestError) as raised:
         logged_in.new_token("RC")
-    assert "refresh_token for RC after 3 attempts: 503" in str(raised.value)
+    assert "refresh_token for RC after 3 attempts: 429" in str(raised.value)
     assert fake.refresh_attempts == 3
     assert fake.logins == 1
 
 
-@pytest.mark.parametrize("failure", [{"status": 500}, {"drop": True}])
+@pytest.mark.parametrize("failure", [{"status": 500}, {"status": 503}, {"drop": True}])
 def test_a_refresh_that_may_have_spent_the_refresh_token_is_not_repeated(logged_in, fake, failure):
     fake.fail_next(REFRESH, service="RC", **failure)
     logged_in.new_token("RC")
@@ -137,7 +164,7 @@ def test_a_silent_login_forbidden_by_iam_is_tried_once(logged_in, fake):
 @pytest.mark.fake(auth_latency=0.1)
 def test_threads_that_waited_for_a_failed_refresh_do_not_each_try_again(logged_in, fake, monkeypatch):
     monkeypatch.setattr(logged_in, "ERROR_MAX_RETRY", 3)
-    fake.fail_next(REFRESH, count=100, status=503, service="RC")
+    fake.fail_next(REFRESH, count=100, status=429, service="RC")
     rejected = logged_in.tokens["RC"]["access_token"]
     errors = errors_in_threads(lambda: logged_in.new_token("RC", rejected_token=rejected), 10)
     assert len(errors) == 10 and all(isinstance(error, httpx.RequestError) for error in errors)
@@ -146,7 +173,7 @@ def test_threads_that_waited_for_a_failed_refresh_do_not_each_try_again(logged_i
 
 def test_a_stop_ends_a_failing_refresh_at_once(logged_in, fake, monkeypatch):
     monkeypatch.setattr(logged_in, "WAIT_BEFORE_RETRY", 5)
-    fake.fail_next(REFRESH, count=100, status=503, service="RC")
+    fake.fail_next(REFRESH, count=100, status=429, service="RC")
     threading.Timer(0.2, logged_in.request_stop).start()
     started = perf_counter()
     with pytest.raises(logged_in.RunStopped):
@@ -155,7 +182,8 @@ def test_a_stop_ends_a_failing_refresh_at_once(logged_in, fake, monkeypatch):
     assert fake.refresh_attempts == 1
 
 
-def test_the_default_main_counts_every_inclusion_end_to_end(interactive, fake, capsys):
+def test_the_default_main_counts_every_inclusion_end_to_end(interactive, fake, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with keyboard(ENTER, DEMO_PASSWORD + ENTER, ERASE_DEFAULT + "4" + ENTER):
         status = interactive.main()
     assert status is None
@@ -166,6 +194,7 @@ def test_the_default_main_counts_every_inclusion_end_to_end(interactive, fake, c
     assert "│ Total        │        356 │" in output
     assert "Elapsed time: " in output
     assert fake.calls("/api/inclusions/search") == 12
+    assert "Hospital 4;Toulouse;130" in (tmp_path / "inclusions_by_organization.csv").read_text(encoding="utf-8-sig")
 
 
 @pytest.mark.fake(users={DEMO_USER_NAME: DEMO_PASSWORD, "someone@else.org": "her-password"})

@@ -1,7 +1,6 @@
 """A copy of the template run as cron or a runner runs it: a child process with no
 terminal (stdin from /dev/null), judged by its exit status, stderr and log file."""
 
-import signal
 import socket
 import subprocess
 import sys
@@ -57,9 +56,9 @@ def test_a_wrong_password_fails_at_once_with_one_line(tmp_path, fake):
 def test_an_unreachable_iam_fails_in_bounded_time(tmp_path, fake):
     started = time.monotonic()
     result = run_unattended(write_copy(tmp_path), fake, EB_IAM_BASE_URL=closed_port_url())
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 10  # ten attempts, 0.5 s apart
     assert result.returncode == 1
-    assert_one_clear_line(result.stderr, "Login Error: ConnectError")
+    assert_one_clear_line(result.stderr, "Login Error: ", "cannot connect", "after 10 attempts")
 
 
 def test_missing_credentials_are_a_bad_setting(tmp_path, fake):
@@ -89,7 +88,8 @@ def test_an_unreadable_password_file_is_a_bad_setting(tmp_path, fake):
     missing = tmp_path / "no-such-file"
     result = run_unattended(write_copy(tmp_path), fake, EB_PASSWORD=None, EB_PASSWORD_FILE=str(missing))
     assert result.returncode == 2
-    assert_one_clear_line(result.stderr, "EB_PASSWORD_FILE", "no-such-file")
+    assert_one_clear_line(result.stderr, "EB_PASSWORD_FILE names no file")
+    assert "no-such-file" not in result.stderr  # the value is never shown: it may be a password
 
 
 def test_a_password_and_a_password_file_together_are_a_bad_setting(tmp_path, fake):
@@ -139,44 +139,3 @@ def test_a_closed_stdin_is_an_unattended_run(tmp_path, fake):
     )
     assert result.returncode == 0, result.stderr
     assert "Elapsed time" in result.stdout
-
-
-# The README's way, `with main_thread_pool as executor:`, whose exit would wait for every
-# queued task unless something cancels them; with the README's iter_completed() and with
-# the standard as_completed().
-BUSY_JOB = """\
-    with main_thread_pool as executor:
-        futures = [executor.submit(get_all_organizations) for _ in range(400)]
-        for future in {wait}(futures):
-            future.result()
-"""
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT, which Windows cannot send to one process")
-@pytest.mark.fake(latency=2.0)
-@pytest.mark.usefixtures("sigint_reaches_children")
-@pytest.mark.parametrize("wait", ["iter_completed", "as_completed"])
-def test_ctrl_c_mid_run_stops_20_busy_threads_within_seconds(tmp_path, fake, wait):
-    script = write_copy(tmp_path, BUSY_JOB.format(wait=wait))
-    environment = script_environment(fake, EB_THREADS="20", EB_PASSWORD=DEMO_PASSWORD)
-    process = subprocess.Popen(
-        [sys.executable, script.name], cwd=tmp_path, env=environment,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 30
-    while fake.calls(ORGANIZATIONS) < 20 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert fake.calls(ORGANIZATIONS) == 20  # 20 threads, each in a 2 s call
-    interrupted_at = time.monotonic()
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=30)
-    exited_at = time.monotonic()
-
-    assert process.returncode == 130
-    assert exited_at - interrupted_at < 5
-    assert_one_clear_line(stderr, "Interrupted")
-    arrivals = [arrived for arrived, _, path in fake.request_times() if path == ORGANIZATIONS]
-    assert max(arrivals) < interrupted_at + 0.2, "a call started after Ctrl+C"
-    time.sleep(0.5)
-    assert fake.calls(ORGANIZATIONS) == len(arrivals)
-    assert "interrupted" in (tmp_path / "my_job.log").read_text(encoding="utf-8").lower()

@@ -165,7 +165,7 @@ def test_the_log_shows_stars_instead_of_the_password_and_tokens(logged_in):
     pair = logged_in.tokens["RC"]
     record = logging.LogRecord("job", logging.DEBUG, __file__, 1, "%s", None, None)
     record.args = (f"password={DEMO_PASSWORD} access={pair['access_token']} refresh={pair['refresh_token']}",)
-    text = logged_in._SecretRedactingFormatter("%(message)s").format(record)
+    text = logged_in._UtcSecretRedactingFormatter("%(message)s").format(record)
     assert text == "password=*** access=*** refresh=***"
 
 
@@ -180,16 +180,25 @@ def test_an_http_error_is_described_on_one_line():
     request = httpx.Request("GET", "http://127.0.0.1:1/api/x?page=2")
     error = httpx.HTTPStatusError("long\nmessage", request=request, response=httpx.Response(404, request=request))
     assert template.describe_error(error) == "404 Not Found from GET http://127.0.0.1:1/api/x?page=2"
-    assert template.describe_error(httpx.ConnectError("refused\nmore")) == "ConnectError: refused"
+    refused = httpx.ConnectError("refused\nmore", request=request)
+    expected = "GET http://127.0.0.1:1/api/x?page=2: cannot connect (ConnectError: refused)"
+    assert template.describe_error(refused) == expected
+    lost = httpx.RemoteProtocolError("Server disconnected", request=request)
+    assert "the server closed the connection without a complete answer" in template.describe_error(lost)
     assert template.describe_error(RuntimeError()) == "RuntimeError"
 
 
 @pytest.mark.parametrize(
     "value, low, high",
-    [(None, 0, 0), ("", 0, 0), ("3", 3, 3), ("1.5", 1.5, 1.5), ("soon", 0, 0), ("-5", -5, -5)],
+    [("3", 3, 3), ("1.5", 1.5, 1.5), ("-5", -5, -5)],
 )
-def test_retry_after_in_seconds_is_understood_and_nonsense_ignored(value, low, high):
+def test_retry_after_in_seconds_is_understood(value, low, high):
     assert low <= template._seconds_from_retry_after(value) <= high
+
+
+@pytest.mark.parametrize("value", [None, "", "soon"])
+def test_a_missing_or_nonsense_retry_after_is_ignored(value):
+    assert template._seconds_from_retry_after(value) is None
 
 
 def test_retry_after_as_an_http_date_is_understood():
@@ -197,20 +206,20 @@ def test_retry_after_as_an_http_date_is_understood():
     assert 8 <= template._seconds_from_retry_after(in_ten_seconds) <= 10
 
 
-def test_retry_delay_is_the_fixed_wait_unless_the_server_asks_longer_up_to_the_cap(monkeypatch):
-    monkeypatch.setattr(template, "WAIT_BEFORE_RETRY", 0.5)
+def test_retry_after_is_read_up_to_the_cap_and_only_from_an_answer(monkeypatch):
     monkeypatch.setattr(template, "RETRY_AFTER_MAX", 30)
 
-    def delay(headers):
+    def retry_after(headers):
         request = httpx.Request("GET", "http://127.0.0.1:1/")
         response = httpx.Response(429, headers=headers, request=request)
-        return template._retry_delay(httpx.HTTPStatusError("", request=request, response=response))
+        return template._retry_after(httpx.HTTPStatusError("", request=request, response=response))
 
-    assert delay({}) == 0.5
-    assert delay({"Retry-After": "0"}) == 0.5
-    assert delay({"Retry-After": "4"}) == 4
-    assert delay({"Retry-After": "3600"}) == 30
-    assert template._retry_delay(httpx.ReadTimeout("slow")) == 0.5
+    assert retry_after({}) is None
+    assert retry_after({"Retry-After": "0"}) == 0
+    assert retry_after({"Retry-After": "-3"}) == 0
+    assert retry_after({"Retry-After": "4"}) == 4
+    assert retry_after({"Retry-After": "3600"}) == 30
+    assert template._retry_after(httpx.ReadTimeout("slow")) is None
 
 
 def test_importing_the_template_prompts_nothing_connects_nowhere_and_writes_nothing(tmp_path, fake):
