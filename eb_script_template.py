@@ -63,6 +63,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 if os.name == "nt":
+    import ctypes  # the console API, see _is_terminal()
     import msvcrt  # the lock of one run at a time, see _lock_file()
 else:
     import fcntl
@@ -176,7 +177,8 @@ custom_bar_format = (
     f"{{rate_fmt:>{BAR_RATE_WIDTH}}}]{{postfix}}"
 )
 
-# --- Result files -----------------------------------------------------------
+# --- Console and result files ------------------------------------------------
+REDIRECTED_OUTPUT_WIDTH = 400  # Columns of rich's output when it is not a terminal
 CSV_SEPARATOR = ";"  # write_csv(): French Excel expects ";", English Excel ","
 
 # --- Exit statuses (what cron or a runner sees) -----------------------------
@@ -211,7 +213,7 @@ _token_refresh_lock = threading.Lock()
 main_thread_pool = None
 subtasks_thread_pool = None
 
-# Rich console: no wrapping at 80 columns when the output is a file or a runner's pipe
+# Rich console (see _prepare_output())
 console = Console(soft_wrap=True)
 
 # What login() was given, for a silent login when a refresh token is rejected
@@ -520,11 +522,41 @@ def _request_of(exc):
 
 
 def is_interactive() -> bool:
-    """True when someone can answer prompts: stdin is a terminal and EB_NON_INTERACTIVE
-    is not set to 1 (for environments that fake a terminal)."""
+    """True when someone can answer prompts: stdin and stdout are a terminal (on Windows, a
+    console: the NUL device, a pipe or a file is not one) and EB_NON_INTERACTIVE is not set
+    to 1 (for environments that fake a terminal). Otherwise the run is unattended."""
     if os.environ.get("EB_NON_INTERACTIVE", "").strip().lower() in ("1", "true", "yes"):
         return False
-    return sys.stdin is not None and sys.stdin.isatty()
+    return _is_terminal(sys.stdin) and _is_terminal(sys.stdout)
+
+
+def _is_terminal(stream) -> bool:
+    """Whether `stream` is a terminal. On Windows isatty() is True for NUL (`< NUL`, a
+    runner's DEVNULL): ask the console API, as Windows itself does."""
+    try:
+        descriptor = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # None, closed, or not a real file
+        return False
+    if os.name != "nt":
+        return os.isatty(descriptor)
+    try:
+        handle = msvcrt.get_osfhandle(descriptor)
+    except OSError:
+        return False
+    mode = ctypes.c_uint32()
+    return bool(ctypes.windll.kernel32.GetConsoleMode(handle, ctypes.byref(mode)))
+
+
+def _prepare_output():
+    """Printing server data never fails a run: a character the console or a redirected
+    output cannot show (cp1252 on Windows) is replaced; the log file is UTF-8, complete.
+    And output that is not a terminal (a file, a runner's pipe) is not cut at rich's 80
+    columns: a path or a message stays on one line of the runner's e-mail."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    if not _is_terminal(sys.stdout):
+        console.width = REDIRECTED_OUTPUT_WIDTH
 
 
 def _report(message):
@@ -1787,6 +1819,7 @@ def _keep_previous_logs(path):
 def _main(argv=None) -> int:
     """Run main() as a terminal user or an unattended runner expects. Returns the exit status."""
     global _run_lock
+    _prepare_output()
     resolutions = _parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
         _run_lock = _lock_working_directory()

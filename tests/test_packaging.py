@@ -49,7 +49,9 @@ def test_ci_runs_exactly_the_readme_test_command():
 @pytest.mark.parametrize(
     "name",
     ["MAX_THREADS", "SUBTASKS_POOL_SIZE", "ERROR_MAX_RETRY", "WAIT_BEFORE_RETRY", "API_TIMEOUT",
-     "DEFAULT_NUMBER_OF_THREADS", "AUTH_TIMEOUT", "RETRY_AFTER_MAX", "STOP_POLL_INTERVAL"],
+     "DEFAULT_NUMBER_OF_THREADS", "AUTH_TIMEOUT", "RETRY_AFTER_MAX", "STOP_POLL_INTERVAL", "CHANGES_DATA",
+     "MAX_FAILED_ITEMS", "MAX_PENDING_TASKS", "STOP_GRACE", "RATE_LIMIT_MAX_WAIT", "LOG_BACKUP_COUNT",
+     "REDIRECTED_OUTPUT_WIDTH", "CSV_SEPARATOR", "WRITE_OUTCOMES"],
 )
 def test_the_readme_gives_each_constant_its_real_default(name):
     row = re.search(rf"^\| `{name}` \| `([^`]*)` \|", README, re.M)
@@ -61,6 +63,13 @@ def test_the_readme_documents_every_constant():
     constants = [name for name in vars(template) if name.isupper() and not name.startswith("_")]
     missing = [name for name in constants if f"`{name}`" not in README]
     assert missing == []
+
+
+def test_the_readme_documents_every_environment_variable_the_template_reads():
+    text = (ROOT / "eb_script_template.py").read_text(encoding="utf-8")
+    variables = set(re.findall(r'"(EB_[A-Z_]+)"', text)) - {"EB_"}
+    missing = [name for name in sorted(variables) if f"`{name}`" not in README]
+    assert variables and missing == []
 
 
 def test_the_spec_keeps_the_user_s_defaults():
