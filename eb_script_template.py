@@ -1426,7 +1426,7 @@ def _announce_run(path, dry_run, resume, resumed_runs):
         unknown = sum(1 for state in resume.values() if state == "unknown")
         message = (f"Resuming {len(resumed_runs)} unfinished run(s) of {path} ({', '.join(resumed_runs)}):"
                    f" {done} writes done there will not be sent again, {unknown} of unknown outcome will be checked")
-        console.print(f"[bold]{message}[/]")
+        console.print(f"[bold]{message}[/]", highlight=False)
         logging.info(message)
     logging.info(f"Write journal {path}, run {_journal['run']}{' (dry run)' if dry_run else ''}")
 
@@ -1500,7 +1500,7 @@ def _show_write_summary():
     logging.info(f"Writes of this run{' (dry run)' if dry_run else ''}: {counts}")
     if dry_run:
         built = _write_outcomes["dry-run"]
-        console.print(f"Dry run: {built} writes built, none sent; nothing changed on the platform.")
+        console.print(f"Dry run: {built} writes built, none sent; nothing changed on the platform.", highlight=False)
     for described in _journal["uncertain"]:
         _report(f"Write not done for sure: {described}")
         logging.error(f"Write not done for sure: {described}")
@@ -1833,11 +1833,11 @@ def _main(argv=None) -> int:
     _install_stop_signals()
     logging.info(f"{os.path.basename(__file__)} started (template {__version__})")
     try:
-        _check_settings()
         if resolutions:
-            resolve_writes(resolutions)
+            resolve_writes(resolutions)  # no login: it only records what a person found
             exit_status = EXIT_SUCCESS
         else:
+            _check_settings()
             exit_status = main() or EXIT_SUCCESS
     except KeyboardInterrupt:
         exit_status = _exit_status_of_signal(_stop_signal) if _stop_signal else EXIT_INTERRUPTED

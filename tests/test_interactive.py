@@ -114,3 +114,68 @@ def test_eb_non_interactive_makes_a_terminal_run_unattended(tmp_path, fake):
     child.close()
     assert child.exitstatus == 0
     assert "login:" not in child.before and "Press Enter" not in child.before
+
+
+UPDATE_JOB = """\
+    for patient_id in ("pat-001-0001", "pat-001-0002"):
+        update_record_fields(patient_id, {"consentVersion": "v2"})
+    tqdm.write("My job saw 8 organizations")
+"""
+DOWN = "\x1b[B"
+
+
+@pytest.mark.parametrize("keys, changes", [("\r", 0), (DOWN + "\r", 2)], ids=["enter-dry-run", "real-run"])
+def test_a_script_that_changes_data_asks_dry_or_real_run_after_the_threads_dry_by_default(tmp_path, fake, keys,
+                                                                                            changes):
+    script = write_copy(tmp_path, UPDATE_JOB, replacements=[("CHANGES_DATA = False", "CHANGES_DATA = True")])
+    child = spawn(script, fake)
+    answer_prompts(child)
+    child.expect("Run mode:")
+    child.send(keys)
+    if not changes:
+        child.expect("DRY RUN")
+    assert finish_job(child) == 0
+    assert fake.total_changes() == changes
+
+
+def test_a_resume_is_announced_at_the_terminal_before_it_is_done(tmp_path, fake):
+    script = write_copy(tmp_path, UPDATE_JOB, replacements=[("CHANGES_DATA = False", "CHANGES_DATA = True")])
+    fake.fail_next("/api/records/byPatient", method="PATCH", status=500)
+    first = spawn(script, fake)
+    answer_prompts(first)
+    first.expect("Run mode:")
+    first.send(DOWN + "\r")
+    first.expect("Press Enter to exit...")
+    first.send("\r")
+    first.expect(pexpect.EOF)
+    first.close()
+    assert first.exitstatus == 1
+
+    second = spawn(script, fake)
+    answer_prompts(second)
+    second.expect("Run mode:")
+    second.send(DOWN + "\r")
+    second.expect("Resuming 1 unfinished run")
+    assert finish_job(second) == 0
+    assert fake.changes("pat-001-0001") == 1 and fake.changes("pat-001-0002") == 1
+
+
+def test_a_run_whose_output_is_redirected_is_unattended_even_at_a_terminal(tmp_path, fake):
+    script = write_copy(tmp_path, MY_JOB)
+    environment = script_environment(fake, EB_PASSWORD=None, EB_USER_NAME=None, TERM="xterm")
+    child = pexpect.spawn("sh", ["-c", f'exec "{sys.executable}" {script.name} > out.txt'], cwd=str(tmp_path),
+                          env=environment, encoding="utf-8", timeout=30)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 2  # no prompt could be drawn: unattended, and no credentials set
+    assert "No credentials" in child.before and "login:" not in child.before
+
+
+@pytest.mark.parametrize("no_color", [None, "1"])
+def test_no_color_turns_the_colours_off(tmp_path, fake, no_color):
+    child = spawn(write_copy(tmp_path, MY_JOB), fake, NO_COLOR=no_color)
+    answer_prompts(child)
+    child.expect("Starting main processing")
+    coloured = "\x1b[1;36m" in child.before + child.after
+    assert finish_job(child) == 0
+    assert coloured == (no_color is None)
