@@ -248,6 +248,7 @@ failed_items = []
 _journal = {"file": None, "run": None, "dry_run": False, "resume": {}, "resumed_runs": []}
 _journal_lock = threading.Lock()
 _write_outcomes = Counter()  # {outcome: writes of this run}
+_dry_run_would = Counter()  # {"send" | "skip" | "stay unknown": writes of this dry run}
 _writes_in_flight = {}  # {id: _Write}: written to the journal as unknown if the run stops first
 
 # The OS lock that keeps a second run of this script in this directory from starting
@@ -1367,6 +1368,8 @@ def _journal_write(write, outcome, **details):
         if outcome != "sending":
             _writes_in_flight.pop(id(write), None)
             _write_outcomes[outcome] += 1
+            if outcome == "dry-run":
+                _dry_run_would[details.get("would")] += 1
             if outcome in ("unknown", "not-sent"):
                 _journal.setdefault("uncertain", []).append(write.describe())
 
@@ -1375,6 +1378,8 @@ def _append_journal_line(fields):
     """Append one line and force it to disk (called with _journal_lock held)."""
     line = {"time": _utc_now(), "run": _journal["run"], **fields}
     file = _journal["file"]
+    if file is None:  # a thread that outlived the run (see _exit()): the run's end says it all
+        return
     file.write(_redact(json.dumps(line, ensure_ascii=False, default=str)) + "\n")
     file.flush()
     os.fsync(file.fileno())
@@ -1499,8 +1504,10 @@ def _show_write_summary():
     counts = ", ".join(f"{outcome} {_write_outcomes[outcome]}" for outcome in WRITE_OUTCOMES)
     logging.info(f"Writes of this run{' (dry run)' if dry_run else ''}: {counts}")
     if dry_run:
-        built = _write_outcomes["dry-run"]
-        console.print(f"Dry run: {built} writes built, none sent; nothing changed on the platform.", highlight=False)
+        built, would = _write_outcomes["dry-run"], _dry_run_would
+        console.print(f"Dry run: {built} writes built, none sent; nothing changed on the platform. A real run would"
+                      f" send {would['send']}, skip {would['skip']} (done by an earlier run) and leave"
+                      f" {would['stay unknown']} unknown.", highlight=False)
     for described in _journal["uncertain"]:
         _report(f"Write not done for sure: {described}")
         logging.error(f"Write not done for sure: {described}")

@@ -44,22 +44,6 @@ ORGANIZATIONS = "/api/inclusions/getAllOrganizations"
 WRITES = 2000
 
 
-def start_fake_with(*options):
-    """The fake platform in a child process with these command-line options."""
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_platform.py"), *options],
-        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-    )
-    settings = {}
-    for line in process.stdout:
-        if line.startswith("EB_"):
-            name, _, value = line.strip().partition("=")
-            settings[name] = value
-        if "EB_PASSWORD" in settings:
-            return process, settings
-    raise RuntimeError("the fake platform did not start")
-
-
 def bench_login(template):
     def sequential():
         master_token, user_id = template._log_in_to_iam(*credentials)
@@ -199,7 +183,7 @@ def calls(settings):
 
 def main():
     print(f"Python {sys.version.split()[0]}, httpx {httpx.__version__}, {os.cpu_count()} cores")
-    fake, settings = start_fake_with("--auth-latency", "0.05")
+    fake, settings = start_fake(0.0, "--auth-latency", "0.05")
     try:
         bench_login(log_in(settings))
     finally:
@@ -215,7 +199,7 @@ def main():
     finally:
         fake.terminate()
     bench_memory()
-    fake, settings = start_fake_with("--latency", "30")
+    fake, settings = start_fake(30.0)
     try:
         bench_exit(settings)
     finally:

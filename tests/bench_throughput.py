@@ -39,10 +39,11 @@ NAIVE_CALLS_PER_THREAD = 4  # the naive pattern is slow: a few calls tell its ra
 ORGANIZATIONS = "/api/inclusions/getAllOrganizations"
 
 
-def start_fake(latency):
-    """The fake platform in a child process; returns (process, {EB_...: url})."""
+def start_fake(latency, *options):
+    """The fake platform in a child process, with these other command-line options;
+    returns (process, {EB_...: url})."""
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_platform.py"), "--latency", str(latency)],
+        [sys.executable, str(ROOT / "tests" / "fake_platform.py"), "--latency", str(latency), *options],
         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
     )
     settings = {}

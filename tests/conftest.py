@@ -73,7 +73,7 @@ def reset_state(module):
         module._journal["file"].close()
     for collection in (module.tokens, module.httpx_clients, module._credentials, module._secrets,
                        module._failed_renewals, module.failed_items, module._write_outcomes,
-                       module._writes_in_flight):
+                       module._writes_in_flight, module._dry_run_would):
         collection.clear()
     module._journal.update(file=None, run=None, dry_run=False, resume={}, resumed_runs=[], uncertain=[])
     module._stop_requested.clear()
@@ -153,8 +153,9 @@ def script_environment(fake, **settings):
     return environment
 
 
-def run_unattended(script, fake, timeout=60, **settings):
-    """Run a copy as cron or a runner would: no terminal, stdin from /dev/null."""
+def run_unattended(script, fake, timeout=60, encoding="utf-8", **settings):
+    """Run a copy as cron or a runner would: no terminal, stdin from /dev/null; its output
+    read in `encoding`."""
     settings.setdefault("EB_USER_NAME", DEMO_USER_NAME)
     settings.setdefault("EB_PASSWORD", DEMO_PASSWORD)
     return subprocess.run(
@@ -163,6 +164,6 @@ def run_unattended(script, fake, timeout=60, **settings):
         env=script_environment(fake, **settings),
         stdin=subprocess.DEVNULL,
         capture_output=True,
-        text=True,
+        encoding=encoding,
         timeout=timeout,
     )

@@ -65,6 +65,7 @@ def test_a_dry_run_sends_no_write_journals_what_it_would_send_and_says_so(tmp_pa
     line = next(line for line in journal_lines(tmp_path, "my_job") if line.get("outcome") == "dry-run")
     assert line["method"] == "PATCH" and line["body"] == {"fields": {"consentVersion": "v2"}}
     assert "DRY RUN" in result.stdout and f"Dry run: {PATIENTS} writes built, none sent" in result.stdout
+    assert f"A real run would send {PATIENTS}, skip 0" in result.stdout
 
 
 @pytest.mark.parametrize("value", [None, "", "yes", "2"])

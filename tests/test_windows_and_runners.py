@@ -30,7 +30,8 @@ def test_stdin_from_the_null_device_is_an_unattended_run(tmp_path, fake):
 
 @pytest.mark.fake(organization_names=["Szpital Łódź", "Hôpital Sainte-Anne", "Klinikum Göttingen"])
 def test_server_data_the_output_cannot_encode_is_replaced_and_the_results_keep_it(tmp_path, fake):
-    result = run_unattended(write_copy(tmp_path), fake, PYTHONIOENCODING="cp1252")  # Windows, output redirected
+    # What Windows gives a redirected output: cp1252, strict (unless the template says otherwise)
+    result = run_unattended(write_copy(tmp_path), fake, encoding="cp1252", PYTHONIOENCODING="cp1252")
     assert result.returncode == 0, result.stderr
     assert "Szpital ?" in result.stdout and "Hôpital Sainte-Anne" in result.stdout
     text = (tmp_path / "inclusions_by_organization.csv").read_text(encoding="utf-8-sig")
