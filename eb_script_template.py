@@ -1364,7 +1364,7 @@ def _journal_write(write, outcome, **details):
     line = {"call": write.call, "key": write.key, "outcome": outcome, "status": details.pop("status", None),
             "user": user, "arguments": write.arguments, **details}
     with _journal_lock:
-        _append_journal_line(line)
+        file = _append_journal_line(line, sync=False)
         if outcome != "sending":
             _writes_in_flight.pop(id(write), None)
             _write_outcomes[outcome] += 1
@@ -1372,17 +1372,31 @@ def _journal_write(write, outcome, **details):
                 _dry_run_would[details.get("would")] += 1
             if outcome in ("unknown", "not-sent"):
                 _journal.setdefault("uncertain", []).append(write.describe())
+    # On disk before the request leaves. Outside the lock, so that the threads' syncs
+    # overlap: each one holds every line written before it, ours included.
+    _force_to_disk(file)
 
 
-def _append_journal_line(fields):
-    """Append one line and force it to disk (called with _journal_lock held)."""
+def _append_journal_line(fields, sync=True):
+    """Append one line (called with _journal_lock held) and, unless told otherwise, force
+    it to disk. Returns the journal file, None once the run has ended."""
     line = {"time": _utc_now(), "run": _journal["run"], **fields}
     file = _journal["file"]
     if file is None:  # a thread that outlived the run (see _exit()): the run's end says it all
-        return
+        return None
     file.write(_redact(json.dumps(line, ensure_ascii=False, default=str)) + "\n")
     file.flush()
-    os.fsync(file.fileno())
+    if sync:
+        os.fsync(file.fileno())
+    return file
+
+
+def _force_to_disk(file):
+    try:
+        descriptor = file.fileno()
+    except (AttributeError, ValueError):  # None, or closed by the end of the run, which synced it
+        return
+    os.fsync(descriptor)
 
 
 def _utc_now():
