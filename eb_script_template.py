@@ -34,6 +34,7 @@ __version__ = "2.0.0"
 # ============================================================================
 
 import argparse
+import contextlib
 import csv
 import email.utils
 import functools
@@ -327,6 +328,9 @@ def get_httpx_client() -> httpx.Client:
             verify=_shared_ssl_context(),
             timeout=API_TIMEOUT,
             event_hooks={"request": [_before_request], "response": [_after_response]},
+            # Plain http:// goes to this machine only, and never through a proxy (HTTP_PROXY):
+            # credentials would otherwise travel in clear to the proxy's machine.
+            mounts={f"http://{host}": None for host in ("127.0.0.1", "localhost", "[::1]")},
         )
         _bound_connections_by_deadline(client)
         httpx_clients[thread_id] = client
@@ -399,7 +403,8 @@ def process_in_pool(pool, function, items, description="Processing"):
     pending = {}  # future -> item, for the tasks submitted and not yet handed over
     finished = queue.SimpleQueue()
     items = iter(items)
-    with tqdm(total=total, desc=description, bar_format=custom_bar_format, disable=None) as bar:
+    with tqdm(total=total, desc=description, bar_format=custom_bar_format, disable=None) as bar, \
+            _cancelled_at_exit(pending):
         while True:
             while len(pending) < MAX_PENDING_TASKS and (item := next(items, _NO_MORE)) is not _NO_MORE:
                 future = pool.submit(function, item)
@@ -419,6 +424,17 @@ def process_in_pool(pool, function, items, description="Processing"):
 
 
 _NO_MORE = object()
+
+
+@contextlib.contextmanager
+def _cancelled_at_exit(pending):
+    """However the loop ends (a break, an error, Ctrl+C), the tasks it submitted and that
+    have not started are cancelled: none of them runs, none of its writes is sent."""
+    try:
+        yield
+    finally:
+        for future in list(pending):
+            future.cancel()
 
 
 class TooManyFailures(Exception):
@@ -690,7 +706,8 @@ class _UtcSecretRedactingFormatter(logging.Formatter):
 
 def _redact(text):
     for secret in tuple(_secrets):
-        text = text.replace(secret, "***")
+        escaped = json.dumps(secret, ensure_ascii=False)[1:-1]  # as it stands in a JSON line
+        text = text.replace(secret, "***").replace(escaped, "***")
     return text
 
 
@@ -909,7 +926,7 @@ def login():
     except (httpx.RequestError, httpx.HTTPStatusError, BadAnswer) as exc:
         return _login_failed(f"Login Error: {describe_error(exc)}")
     apps = [app for app in MICROSERVICES if app != "IAM"]  # IAM does not need a config-token
-    with ThreadPoolExecutor(max_workers=max(len(apps), 1)) as pool:
+    with StoppableThreadPool(max_workers=max(len(apps), 1)) as pool:  # Ctrl+C: no wait for them
         futures = {pool.submit(_configure_token_with_retries, app, master_token, user_id): app for app in apps}
         for future in iter_completed(futures):
             try:
@@ -1025,7 +1042,7 @@ def new_token(app, rejected_token=None):
         if failures > failures_before_waiting:
             raise httpx.RequestError(f"Token renewal for {app} failed: {describe_error(error)}") from error
         try:
-            tokens[app] = _renew_tokens(app)
+            tokens[app] = _within_write(None, functools.partial(_renew_tokens, app))  # never a write's request
         except (httpx.RequestError, httpx.HTTPStatusError, BadAnswer) as exc:
             _failed_renewals[app] = (failures + 1, exc)
             raise
@@ -1108,11 +1125,12 @@ def api_call_with_retry(app, idempotent=True, verify=None):
         @functools.wraps(func)
         def wrapper(*args, **kwargs):
             call = functools.partial(func, *args, **kwargs)
-            if idempotent:
-                return _call_with_retries(call, func.__name__, True, on_unauthorized=refresh_rejected_token)
+            if idempotent:  # a read, also when a write function calls it: never journaled
+                return _within_write(None, functools.partial(
+                    _call_with_retries, call, func.__name__, True, on_unauthorized=refresh_rejected_token))
             write = _Write(func, args, kwargs)
             send = functools.partial(_call_with_retries, functools.partial(_within_write, write, call),
-                                     func.__name__, False, on_unauthorized=refresh_rejected_token)
+                                     func.__name__, False, on_unauthorized=refresh_rejected_token, write=write)
             return _perform_write(write, send, verify)
 
         return wrapper
@@ -1128,9 +1146,10 @@ class RateLimited(httpx.RequestError):
     """The server kept answering 429 for longer than RATE_LIMIT_MAX_WAIT."""
 
 
-def _call_with_retries(call, name, idempotent, on_unauthorized=None):
+def _call_with_retries(call, name, idempotent, on_unauthorized=None, write=None):
     """call(), retried by the rules of api_call_with_retry(); on_unauthorized(error), when
-    given, runs after a 401 and before the next attempt."""
+    given, runs after a 401 and before the next attempt. For a write, the rules look at the
+    write's own request, not at a read the function sent before or after it."""
     attempt = 0
     rate_limit_wait = 0.0
     while True:
@@ -1144,8 +1163,11 @@ def _call_with_retries(call, name, idempotent, on_unauthorized=None):
             raise BadAnswer(_not_json(response)) from exc
         except (httpx.RequestError, httpx.HTTPStatusError) as exc:
             error = exc
+        if write is not None and write.sent and write.status not in (401, *NOT_PROCESSED_STATUS):
+            raise error  # the write's request left and the server may have processed it
         retry_after = _retry_after(error)
         if _status_of(error) == 429 and retry_after is not None:
+            retry_after = max(retry_after, WAIT_BEFORE_RETRY)  # Retry-After: 0 is no reason to hammer
             rate_limit_wait += retry_after
             if rate_limit_wait > RATE_LIMIT_MAX_WAIT:
                 raise RateLimited(
@@ -1157,7 +1179,7 @@ def _call_with_retries(call, name, idempotent, on_unauthorized=None):
             continue
         attempt += 1
         unauthorized = on_unauthorized is not None and _status_of(error) == 401
-        if not (unauthorized or _is_retryable(error, idempotent)):
+        if not (unauthorized or _is_retryable(error, idempotent or (write is not None and not write.sent))):
             logging.info(f"Error in {name}, not retried: {describe_error(error)}")
             raise error
         logging.warning(f"Error in {name} (Attempt {attempt}/{ERROR_MAX_RETRY}): {describe_error(error)}")
@@ -1259,7 +1281,7 @@ class _Write:
         self.args, self.kwargs = args, kwargs
         bound = inspect.signature(func).bind(*args, **kwargs)
         bound.apply_defaults()
-        self.arguments = json.loads(json.dumps(bound.arguments, default=str))
+        self.arguments = json.loads(json.dumps(bound.arguments, default=_not_a_json_value))
         identity = json.dumps([func.__qualname__, self.arguments], sort_keys=True, ensure_ascii=False)
         self.key = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
         self.attempt = 0
@@ -1271,14 +1293,25 @@ class _Write:
         return f"{self.call}({arguments}) [key {self.key}]"
 
 
+def _not_a_json_value(value):
+    raise TypeError(
+        f"a write's arguments must be JSON values (str, int, float, bool, None, list, dict), not"
+        f" {type(value).__name__}: they make its key, the same in every run"
+    )
+
+
 def _within_write(write, call):
-    """call() with `write` as the thread's write: its request is journaled, not sent in a dry run."""
+    """call() with `write` as the thread's write (its request is journaled, not sent in a
+    dry run), or with None: a read, or a token renewal, inside a write function."""
+    outer = getattr(_call_state, "write", None)
     _call_state.write = write
-    write.attempt += 1
+    if write is not None:
+        write.attempt += 1
+        write.sent, write.status = False, None
     try:
         return call()
     finally:
-        _call_state.write = None
+        _call_state.write = outer
 
 
 def _journal_request(write, request):
@@ -1295,9 +1328,13 @@ def _journal_request(write, request):
 def _body_of(request):
     """A request's body for the journal: its JSON, else its text (never a header: no token)."""
     try:
-        return json.loads(request.content) if request.content else None
+        content = request.content
+    except httpx.RequestNotRead:
+        return "(a streamed body: not journaled)"
+    try:
+        return json.loads(content) if content else None
     except ValueError:
-        return request.content.decode("utf-8", "replace")
+        return content.decode("utf-8", "replace")
 
 
 def _perform_write(write, send, verify):
@@ -1320,7 +1357,12 @@ def _perform_write(write, send, verify):
                 f"{write.describe()} may have been applied by an earlier run: not sent again."
                 " Check it on the platform, then tell the next run (see README: Resume)"
             )
-        if verify(*write.args, **write.kwargs):
+        try:
+            verified = verify(*write.args, **write.kwargs)
+        except BaseException as exc:
+            _journal_write(write, "unknown", error=f"verify= failed: {describe_error(exc)}")
+            raise
+        if verified:
             return _not_sent_again(write, "verified: already on the platform")
     with _journal_lock:
         _writes_in_flight[id(write)] = write
@@ -1331,7 +1373,9 @@ def _perform_write(write, send, verify):
     except BaseException as exc:
         _journal_write(write, _outcome_of_failure(write, exc), status=write.status, error=describe_error(exc))
         raise
-    _journal_write(write, "done", status=write.status)
+    outcome = _outcome_of_return(write)
+    _journal_write(write, outcome, status=write.status, **({} if outcome == "done" else {
+        "error": "the write function returned without its request succeeding (no raise_for_status()?)"}))
     return result
 
 
@@ -1343,6 +1387,15 @@ def _not_sent_again(write, reason):
 def _forget_in_flight(write):
     with _journal_lock:
         _writes_in_flight.pop(id(write), None)
+
+
+def _outcome_of_return(write):
+    """What a write function that returned did: done only if its request got a 2xx."""
+    if write.status is not None and 200 <= write.status < 300:
+        return "done"
+    if write.status is not None and write.status >= 500:
+        return "unknown"
+    return "failed"
 
 
 def _outcome_of_failure(write, exc):
@@ -1479,12 +1532,17 @@ _RESUME_STATE = {"done": "done", "skipped": "done", "sending": "unknown", "unkno
                  "failed": "send", "not-sent": "send"}
 
 
+def journal_writes_still_in_flight():
+    """The run is ending: a write still in flight is unknown if any of it left, else not-sent."""
+    with _journal_lock:
+        for write in list(_writes_in_flight.values()):
+            outcome = "unknown" if write.sent else "not-sent"
+            _journal_write_locked(write, outcome, "still in flight when the run ended")
+
+
 def end_journal(exit_status):
     """Close the run in the journal, and show the summary of its writes."""
     with _journal_lock:
-        for write in list(_writes_in_flight.values()):  # still in flight: the run stopped first
-            outcome = "unknown" if write.sent else "not-sent"
-            _journal_write_locked(write, outcome, "still in flight when the run ended")
         _append_journal_line({"event": "end", "exit_status": exit_status, "writes": dict(_write_outcomes)})
         _journal["file"].close()
         _journal["file"] = None
@@ -1532,15 +1590,18 @@ def resolve_writes(resolutions):
     about a write of unknown outcome: done (the next run skips it) or failed (it sends it)."""
     path = _journal_path()
     states, _ = _read_open_chain(path)
+    for key, _outcome in resolutions:  # every key checked before any line is written
+        if states.get(key) != "unknown":
+            raise SettingError(f"--resolve: no write of unknown outcome has the key {key} in {path}")
     run = "resolution-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     with open(path, "a", encoding="utf-8") as file, _journal_lock:
         _journal.update(file=file, run=run)
-        for key, outcome in resolutions:
-            if states.get(key) != "unknown":
-                raise SettingError(f"--resolve: no write of unknown outcome has the key {key} in {path}")
-            _append_journal_line({"event": "resolve", "key": key, "outcome": outcome, "os_user": _os_user()})
-            print(f"Recorded in {path}: write {key} is {outcome}")
-        _journal["file"] = None
+        try:
+            for key, outcome in resolutions:
+                _append_journal_line({"event": "resolve", "key": key, "outcome": outcome, "os_user": _os_user()})
+                print(f"Recorded in {path}: write {key} is {outcome}")
+        finally:
+            _journal["file"] = None
 
 
 def ask_dry_run() -> bool:
@@ -1865,6 +1926,10 @@ def _main(argv=None) -> int:
         what = "by SIGTERM" if exit_status == EXIT_TERMINATED else "by the user (Ctrl+C)"
         logging.warning(f"Run interrupted {what}")
         _report(f"Interrupted {what}.")
+    except SystemExit as exc:  # sys.exit(N) in the script's own code
+        exit_status = exc.code if isinstance(exc.code, int) else EXIT_FAILURE if exc.code else EXIT_SUCCESS
+        if isinstance(exc.code, str):
+            _report(exc.code)
     except SettingError as exc:
         exit_status = EXIT_BAD_SETTING
         logging.critical(f"Setting error: {exc}", exc_info=True)
@@ -1897,6 +1962,7 @@ def _finish_run(exit_status):
         exit_status = EXIT_FAILURE
         _report(f"{len(failed_items)} items failed (see the log): exit status {EXIT_FAILURE}")
     if _journal["file"] is not None:
+        journal_writes_still_in_flight()
         if exit_status == EXIT_SUCCESS and writes_left_undone():
             exit_status = EXIT_FAILURE
         end_journal(exit_status)

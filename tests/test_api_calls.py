@@ -247,3 +247,120 @@ def test_a_stop_ends_the_wait_between_attempts(logged_in, fake, monkeypatch):
         logged_in.get_all_organizations()
     assert perf_counter() - started < 2
     assert fake.calls(ORGANIZATIONS) == 1
+
+
+# --- What review found: each of these sent a write twice, or journaled it wrongly -----
+
+
+def patch_then_read(template, fake):
+    """A write function that changes a record and then reads something."""
+
+    @template.api_call_with_retry("RC", idempotent=False)
+    def set_consent_then_count(patient_id):
+        client = template.get_httpx_client()
+        headers = {"Authorization": f"Bearer {template.tokens['RC']['access_token']}"}
+        client.patch(fake.urls["RC"] + UPDATE, params={"patientId": patient_id}, headers=headers,
+                     json={"fields": {"consent": "v2"}}).raise_for_status()
+        client.get(fake.urls["RC"] + ORGANIZATIONS, headers=headers).raise_for_status()
+
+    return set_consent_then_count
+
+
+@pytest.mark.parametrize("status", [401, 429, 503])
+def test_a_read_failing_after_the_write_in_the_same_function_does_not_send_the_write_again(writing, fake, tmp_path,
+                                                                                          status):
+    fake.fail_next(ORGANIZATIONS, status=status, count=3)
+    with pytest.raises(httpx.HTTPStatusError):
+        patch_then_read(writing, fake)("pat-001-0001")
+    assert fake.changes("pat-001-0001") == 1
+    assert outcomes(tmp_path) == ["sending", "done"]  # applied; only what came after failed
+
+
+def test_a_token_renewal_inside_a_write_function_is_not_journaled_as_the_write(writing, fake, tmp_path):
+    @writing.api_call_with_retry("RC", idempotent=False)
+    def read_then_patch(patient_id):
+        writing.get_record(patient_id)
+        return writing.update_record_fields.__wrapped__(patient_id, {"consent": "v3"})
+
+    fake.expire_access_tokens("RC")
+    read_then_patch("pat-001-0001")
+    sending = [line for line in journal_lines(tmp_path) if line.get("outcome") == "sending"]
+    assert [line["method"] for line in sending] == ["PATCH"]
+    assert fake.refreshes == 1 and fake.changes("pat-001-0001") == 1
+
+
+def test_a_write_nested_in_another_write_keeps_the_outer_one_journaled_and_dry(logged_in, fake, tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(logged_in, "CHANGES_DATA", True)
+    logged_in.start_journal(dry_run=True)
+
+    @logged_in.api_call_with_retry("RC", idempotent=False)
+    def migrate(patient_id):
+        logged_in.update_record_fields(patient_id, {"consent": "v2"})
+        return logged_in.create_record.__wrapped__(patient_id, {"migrated": True})
+
+    migrate("pat-001-0001")
+    assert fake.total_changes() == 0 and fake.calls(RECORDS) == 0
+    dry = [line for line in journal_lines(tmp_path) if line.get("outcome") == "dry-run"]
+    assert sorted((line["call"], line["method"]) for line in dry) == [("migrate", "POST"),
+                                                                      ("update_record_fields", "PATCH")]
+
+
+def test_a_write_whose_arguments_would_not_give_the_same_key_in_every_run_is_refused(writing, fake):
+    with pytest.raises(TypeError, match="JSON values"):
+        writing.update_record_fields("pat-001-0001", {"tags": {"a", "b"}})
+    assert fake.calls(UPDATE) == 0
+
+
+def test_a_verify_that_fails_leaves_the_write_unknown_not_forgotten(writing, fake, tmp_path, monkeypatch):
+    key = writing._Write(writing.update_record_fields.__wrapped__, ("pat-001-0001", {"consent": "v2"}), {}).key
+    monkeypatch.setitem(writing._journal, "resume", {key: "unknown"})
+    fake.fail_next(UPDATE, method="GET", status=404)
+    with pytest.raises(httpx.HTTPStatusError):
+        writing.update_record_fields("pat-001-0001", {"consent": "v2"})
+    assert outcomes(tmp_path) == ["unknown"] and writing.writes_left_undone() == 1
+    assert fake.changes("pat-001-0001") == 0
+
+
+def test_a_write_function_that_ignores_a_5xx_is_journaled_unknown_not_done(writing, fake, tmp_path):
+    @writing.api_call_with_retry("RC", idempotent=False)
+    def careless_patch(patient_id):
+        client = writing.get_httpx_client()
+        return client.patch(fake.urls["RC"] + UPDATE, params={"patientId": patient_id}, json={"fields": {}},
+                            headers={"Authorization": f"Bearer {writing.tokens['RC']['access_token']}"})
+
+    fake.fail_next(UPDATE, method="PATCH", status=502)
+    careless_patch("pat-001-0001")
+    assert outcomes(tmp_path) == ["sending", "unknown"]
+
+
+def test_the_password_is_kept_out_of_the_journal_even_with_quotes_and_backslashes(writing, tmp_path):
+    writing._remember_secrets('Secr"t\\pass')
+    writing._journal_write(writing._Write(writing.create_record.__wrapped__, ("p", {"note": 'Secr"t\\pass'}), {}),
+                           "failed")
+    assert "Secr" not in (tmp_path / "eb_script_template.journal.jsonl").read_text(encoding="utf-8")
+
+
+def test_a_write_still_in_flight_when_the_run_ends_makes_the_exit_status_1(writing):
+    write = writing._Write(writing.create_record.__wrapped__, ("pat-001-0001", {}), {})
+    write.sent = True
+    writing._writes_in_flight[id(write)] = write
+    assert writing._finish_run(writing.EXIT_SUCCESS) == writing.EXIT_FAILURE
+
+
+def test_retry_after_0_does_not_hammer_the_server(logged_in, fake, monkeypatch):
+    monkeypatch.setattr(logged_in, "RATE_LIMIT_MAX_WAIT", 0.05)
+    fake.fail_next(ORGANIZATIONS, count=100, status=429, headers={"Retry-After": "0"})
+    with pytest.raises(logged_in.RateLimited):
+        logged_in.get_all_organizations()
+    assert fake.calls(ORGANIZATIONS) <= 7  # WAIT_BEFORE_RETRY (0.01 s here) counted per 429
+
+
+@pytest.mark.fake(latency=0.05)
+def test_leaving_a_process_in_pool_loop_early_cancels_the_tasks_not_started(logged_in, fake):
+    pool = logged_in.StoppableThreadPool(max_workers=2)
+    for _ in logged_in.process_in_pool(pool, lambda number: logged_in.get_all_organizations(), range(200)):
+        break
+    pool.shutdown(wait=True)
+    assert fake.calls(ORGANIZATIONS) <= 4

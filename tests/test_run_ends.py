@@ -102,6 +102,7 @@ def test_a_stop_signal_with_20_calls_in_flight_ends_the_run_within_2_seconds(tmp
 
 SLOW_TO_CLEAN_UP = """\
     try:
+        print("waiting", flush=True)
         sleep(60)
     except KeyboardInterrupt:
         print("cleaning up", flush=True)
@@ -119,7 +120,7 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path, fake):
         [sys.executable, script.name], cwd=tmp_path, env=environment,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    assert "Starting main processing" in read_until(process, "Starting main processing")
+    assert "waiting" in read_until(process, "waiting")  # inside the job's try
     process.send_signal(signal.SIGINT)
     assert "cleaning up" in read_until(process, "cleaning up")
     second_at = time.monotonic()
@@ -243,3 +244,30 @@ def test_a_rate_limit_longer_than_the_cap_fails_the_call_and_says_so(logged_in, 
     with pytest.raises(logged_in.RateLimited, match="RATE_LIMIT_MAX_WAIT"):
         logged_in.get_all_organizations()
     assert fake.calls(ORGANIZATIONS) == 3
+
+
+def test_plain_http_to_this_machine_never_goes_through_a_proxy(tmp_path, fake, capture_server):
+    proxy = f"http://127.0.0.1:{capture_server.getsockname()[1]}"
+    result = run_unattended(write_copy(tmp_path), fake, HTTP_PROXY=proxy, ALL_PROXY=proxy)
+    assert result.returncode == 0, result.stderr
+    assert connections_to(capture_server) == 0
+
+
+@POSIX_SIGNALS
+@pytest.mark.fake(auth_latency=30.0)
+@pytest.mark.usefixtures("sigint_reaches_children")
+def test_ctrl_c_during_a_slow_login_ends_the_run_within_2_seconds(tmp_path, fake):
+    script = write_copy(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, script.name], cwd=tmp_path, env=script_environment(fake, EB_PASSWORD=DEMO_PASSWORD),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while fake.calls(LOGIN) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    signalled_at = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert time.monotonic() - signalled_at < 2.0

@@ -42,7 +42,7 @@ def test_server_data_the_output_cannot_encode_is_replaced_and_the_results_keep_i
 
 @pytest.mark.fake(organization_names=[LONG_NAME])
 def test_output_that_is_not_a_terminal_is_not_cut_at_80_columns(tmp_path, fake):
-    result = run_unattended(write_copy(tmp_path), fake)
+    result = run_unattended(write_copy(tmp_path), fake, PYTHONIOENCODING="utf-8")  # É on Windows too
     assert result.returncode == 0, result.stderr
     assert any(LONG_NAME in line for line in result.stdout.splitlines())
 
