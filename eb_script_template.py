@@ -1110,11 +1110,14 @@ def api_call_with_retry(app, idempotent=True, verify=None):
         def get_organizations():
             ...
 
+    Each request is bounded as a whole by its timeout (API_TIMEOUT, or the call's timeout=).
     Retried: RETRY_ON_ERRORS and RETRY_ON_STATUS, after WAIT_BEFORE_RETRY seconds or the
-    server's Retry-After (up to RETRY_AFTER_MAX); a 401 refreshes the token, then retries.
-    Any other error is raised at once, unchanged. After ERROR_MAX_RETRY attempts:
+    server's Retry-After (up to RETRY_AFTER_MAX); a 429 with Retry-After uses up no
+    attempt, up to RATE_LIMIT_MAX_WAIT of waiting in all (then RateLimited); a 401
+    refreshes the token, then retries. An answer that is not JSON raises BadAnswer. Any
+    other error is raised at once, unchanged. After ERROR_MAX_RETRY attempts:
     RetriesExhausted (an httpx.RequestError), with the last error as its __cause__.
-    Once the run is stopping (Ctrl+C, a worker's error), no request leaves: RunStopped.
+    Once the run is stopping (Ctrl+C, SIGTERM, a worker's error), no request leaves: RunStopped.
     """
 
     def decorator(func):
