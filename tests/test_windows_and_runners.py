@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import run_unattended, script_environment, write_copy
+from conftest import ROOT, run_unattended, script_environment, write_copy
 from fake_platform import DEMO_PASSWORD, DEMO_USER_NAME
 
 LONG_NAME = "Centre Hospitalier Universitaire de Saint-Étienne, site de Bellevue, service de gynécologie"
@@ -26,6 +26,28 @@ def test_stdin_from_the_null_device_is_an_unattended_run(tmp_path, fake):
         )
     assert result.returncode == 0, result.stderr
     assert "Press Enter" not in result.stdout
+
+
+def test_the_null_device_is_not_taken_for_a_terminal(tmp_path):
+    code = "import sys, eb_script_template as t; print(sys.stdin.isatty(), t._is_terminal(sys.stdin))"
+    with open(os.devnull) as null:
+        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, stdin=null, capture_output=True,
+                                text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    isatty, is_terminal = result.stdout.split()
+    assert is_terminal == "False", result.stderr
+    if sys.platform == "win32":
+        assert isatty == "True"  # why the template asks the console API instead
+
+
+@pytest.mark.skipif(sys.platform != "win32", reason="cmd.exe and its NUL device are Windows'")
+def test_python_my_script_from_cmd_with_stdin_from_nul_is_an_unattended_run(tmp_path, fake):
+    script = write_copy(tmp_path)
+    result = subprocess.run(
+        f'cmd /s /c ""{sys.executable}" {script.name} < NUL"', cwd=tmp_path, capture_output=True, text=True,
+        timeout=60, env=script_environment(fake, EB_USER_NAME=DEMO_USER_NAME, EB_PASSWORD=DEMO_PASSWORD),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Elapsed time" in result.stdout and "Press Enter" not in result.stdout
 
 
 @pytest.mark.fake(organization_names=["Szpital Łódź", "Hôpital Sainte-Anne", "Klinikum Göttingen"])
