@@ -484,6 +484,7 @@ def _write_then_rename(path, write, **open_options):
     try:
         with open(handle, "w", encoding=open_options.pop("encoding", "utf-8"), **open_options) as file:
             write(file)
+        os.chmod(temporary, 0o644)  # mkstemp makes it private (0600): a result is for colleagues too
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

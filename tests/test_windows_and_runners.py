@@ -151,3 +151,9 @@ class RowsThatFail:
 
     def __str__(self):
         raise RuntimeError("cannot serialise")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
+def test_a_result_file_is_readable_by_colleagues_like_any_other_file(template, tmp_path):
+    template.write_csv(tmp_path / "out.csv", [{"a": 1}])
+    assert (tmp_path / "out.csv").stat().st_mode & 0o777 == 0o644
