@@ -246,7 +246,7 @@ _call_state = threading.local()
 failed_items = []
 
 # The write journal of a script that changes data (see WRITE JOURNAL)
-_journal = {"file": None, "run": None, "dry_run": False, "resume": {}, "resumed_runs": []}
+_journal = {"file": None, "run": None, "dry_run": False, "resume": {}, "resumed_runs": [], "uncertain": []}
 _journal_lock = threading.Lock()
 _write_outcomes = Counter()  # {outcome: writes of this run}
 _dry_run_would = Counter()  # {"send" | "skip" | "stay unknown": writes of this dry run}
@@ -1321,7 +1321,6 @@ def _within_write(write, call):
 def _journal_request(write, request):
     """The write's request is about to leave: journal it first (in a dry run, instead)."""
     _call_state.sending_write = write
-    write.sent, write.status = False, None
     details = {"method": request.method, "url": str(request.url), "body": _body_of(request)}
     if _journal["dry_run"]:
         _journal_write(write, "dry-run", would="send", **details)
@@ -1375,9 +1374,9 @@ def _perform_write(write, send, verify):
     except _DryRunWrite:
         return _forget_in_flight(write)
     except BaseException as exc:
-        _journal_write(write, _outcome_of_failure(write, exc), status=write.status, error=describe_error(exc))
+        _journal_write(write, _outcome_of(write, exc), status=write.status, error=describe_error(exc))
         raise
-    outcome = _outcome_of_return(write)
+    outcome = _outcome_of(write)
     _journal_write(write, outcome, status=write.status, **({} if outcome == "done" else {
         "error": "the write function returned without its request succeeding (no raise_for_status()?)"}))
     return result
@@ -1393,23 +1392,15 @@ def _forget_in_flight(write):
         _writes_in_flight.pop(id(write), None)
 
 
-def _outcome_of_return(write):
-    """What a write function that returned did: done only if its request got a 2xx."""
-    if write.status is not None and 200 <= write.status < 300:
-        return "done"
-    if write.status is not None and write.status >= 500:
-        return "unknown"
-    return "failed"
-
-
-def _outcome_of_failure(write, exc):
-    """What a write that raised did to the platform, as far as this machine can know."""
-    if write.status is not None and 200 <= write.status < 300:
-        return "done"  # applied; only its answer was not what the script expected
-    if isinstance(exc, (RetriesExhausted, RateLimited)):
-        return "failed"  # only what the server did not process is retried
+def _outcome_of(write, exc=None):
+    """What a write did to the platform, as far as this machine can know, once its function
+    returned (exc None) or raised exc. An answer decides: 2xx done (even if what came after
+    it failed), 5xx unknown (it may have been applied), any other failed. Without an answer:
+    not-sent if the run stopped first, failed if nothing left otherwise, else unknown."""
     if write.status is not None:
-        return "failed" if write.status < 500 else "unknown"
+        if 200 <= write.status < 300:
+            return "done"
+        return "unknown" if write.status >= 500 else "failed"
     if not write.sent:
         return "not-sent" if isinstance(exc, (RunStopped, KeyboardInterrupt)) else "failed"
     return "unknown"
@@ -1417,21 +1408,27 @@ def _outcome_of_failure(write, exc):
 
 def _journal_write(write, outcome, **details):
     """One journal line about `write`; a final outcome also counts for the summary."""
-    user = _credentials.get("user_name")
-    line = {"call": write.call, "key": write.key, "outcome": outcome, "status": details.pop("status", None),
-            "user": user, "arguments": write.arguments, **details}
     with _journal_lock:
-        file = _append_journal_line(line, sync=False)
-        if outcome != "sending":
-            _writes_in_flight.pop(id(write), None)
-            _write_outcomes[outcome] += 1
-            if outcome == "dry-run":
-                _dry_run_would[details.get("would")] += 1
-            if outcome in ("unknown", "not-sent"):
-                _journal.setdefault("uncertain", []).append(write.describe())
+        file = _journal_write_locked(write, outcome, details)
     # On disk before the request leaves. Outside the lock, so that the threads' syncs
     # overlap: each one holds every line written before it, ours included.
     _force_to_disk(file)
+
+
+def _journal_write_locked(write, outcome, details):
+    """_journal_write(), called with _journal_lock held; the line is not yet forced to disk.
+    Returns the journal file (None once the run has ended)."""
+    line = {"call": write.call, "key": write.key, "outcome": outcome, "status": details.pop("status", None),
+            "user": _credentials.get("user_name"), "arguments": write.arguments, **details}
+    file = _append_journal_line(line, sync=False)
+    if outcome != "sending":
+        _writes_in_flight.pop(id(write), None)
+        _write_outcomes[outcome] += 1
+        if outcome == "dry-run":
+            _dry_run_would[details.get("would")] += 1
+        if outcome in ("unknown", "not-sent"):
+            _journal["uncertain"].append(write.describe())
+    return file
 
 
 def _append_journal_line(fields, sync=True):
@@ -1539,9 +1536,12 @@ _RESUME_STATE = {"done": "done", "skipped": "done", "sending": "unknown", "unkno
 def journal_writes_still_in_flight():
     """The run is ending: a write still in flight is unknown if any of it left, else not-sent."""
     with _journal_lock:
+        file = _journal["file"]
         for write in list(_writes_in_flight.values()):
             outcome = "unknown" if write.sent else "not-sent"
-            _journal_write_locked(write, outcome, "still in flight when the run ended")
+            details = {"status": write.status, "error": "still in flight when the run ended"}
+            _journal_write_locked(write, outcome, details)
+    _force_to_disk(file)
 
 
 def end_journal(exit_status):
@@ -1551,14 +1551,6 @@ def end_journal(exit_status):
         _journal["file"].close()
         _journal["file"] = None
     _show_write_summary()
-
-
-def _journal_write_locked(write, outcome, error):
-    _append_journal_line({"call": write.call, "key": write.key, "outcome": outcome, "status": write.status,
-                          "user": _credentials.get("user_name"), "arguments": write.arguments, "error": error})
-    _writes_in_flight.pop(id(write), None)
-    _write_outcomes[outcome] += 1
-    _journal["uncertain"].append(write.describe())
 
 
 def writes_left_undone():
