@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -156,14 +157,38 @@ def script_environment(fake, **settings):
 def run_unattended(script, fake, timeout=60, encoding="utf-8", **settings):
     """Run a copy as cron or a runner would: no terminal, stdin from /dev/null; its output
     read in `encoding`."""
+    command, options = unattended_command(script, fake, settings)
+    return subprocess.run(command, **options, capture_output=True, encoding=encoding, timeout=timeout)
+
+
+def start_unattended(script, fake, output=subprocess.PIPE, **settings):
+    """Start a copy as run_unattended() runs it, without waiting: for a test that signals
+    or kills it. Its stdout and stderr go to `output` (read as text)."""
+    command, options = unattended_command(script, fake, settings)
+    return subprocess.Popen(command, **options, stdout=output, stderr=output, text=True)
+
+
+def unattended_command(script, fake, settings):
+    """(command, options) of an unattended run: credentials of the fake's demo account
+    unless `settings` say otherwise, no terminal, stdin from /dev/null."""
     settings.setdefault("EB_USER_NAME", DEMO_USER_NAME)
     settings.setdefault("EB_PASSWORD", DEMO_PASSWORD)
-    return subprocess.run(
-        [sys.executable, script.name],
-        cwd=script.parent,
-        env=script_environment(fake, **settings),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        encoding=encoding,
-        timeout=timeout,
-    )
+    options = {"cwd": script.parent, "env": script_environment(fake, **settings), "stdin": subprocess.DEVNULL}
+    return [sys.executable, script.name], options
+
+
+def wait_until(condition, timeout=60):
+    """Poll condition() until it is true or `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def assert_one_clear_line(stderr, *expected):
+    """The one line a failure prints on stderr, without a traceback, holding `expected`."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    for text in expected:
+        assert text in lines[0]
+    return lines[0]

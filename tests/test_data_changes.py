@@ -12,8 +12,16 @@ from collections import Counter
 
 import pytest
 
-from conftest import ROOT, journal_lines, run_unattended, script_environment, write_copy
-from fake_platform import DEMO_PASSWORD
+from conftest import (
+    ROOT,
+    assert_one_clear_line,
+    journal_lines,
+    run_unattended,
+    script_environment,
+    start_unattended,
+    wait_until,
+    write_copy,
+)
 
 UPDATE = "/api/records/byPatient"
 LOGIN = "/api/auth/ziwig-pro/login"
@@ -72,7 +80,7 @@ def test_a_dry_run_sends_no_write_journals_what_it_would_send_and_says_so(tmp_pa
 def test_an_unattended_run_of_a_script_that_changes_data_must_say_dry_or_real(tmp_path, fake, value):
     result = run(update_job(tmp_path), fake, dry_run=value)
     assert result.returncode == 2
-    assert "EB_DRY_RUN" in result.stderr and result.stderr.strip().count("\n") == 0
+    assert_one_clear_line(result.stderr, "EB_DRY_RUN")
     assert fake.calls(LOGIN) == 0
 
 
@@ -136,14 +144,8 @@ def test_a_run_that_stops_midway_is_resumed_and_every_record_is_changed_once(tmp
 @pytest.mark.fake(latency=0.05)
 def test_a_run_killed_without_warning_is_resumed_and_every_record_is_changed_once(tmp_path, fake):
     script = update_job(tmp_path)
-    process = subprocess.Popen(
-        [sys.executable, script.name], cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, env=script_environment(fake, EB_PASSWORD=DEMO_PASSWORD, EB_DRY_RUN="0",
-                                                          EB_THREADS="8"),
-    )
-    deadline = time.monotonic() + 60
-    while fake.total_changes() < 100 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    process = start_unattended(script, fake, output=subprocess.DEVNULL, EB_DRY_RUN="0", EB_THREADS="8")
+    wait_until(lambda: fake.total_changes() >= 100)
     process.kill()  # SIGKILL; TerminateProcess on Windows: no clean-up at all
     process.wait(timeout=30)
     time.sleep(0.2)  # let the writes that reached the fake finish there
@@ -163,14 +165,8 @@ def test_a_run_killed_without_warning_is_resumed_and_every_record_is_changed_onc
 @pytest.mark.usefixtures("sigint_reaches_children")
 def test_ctrl_c_midway_shows_the_summary_and_the_resume_changes_every_record_once(tmp_path, fake):
     script = update_job(tmp_path)
-    process = subprocess.Popen(
-        [sys.executable, script.name], cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-        env=script_environment(fake, EB_PASSWORD=DEMO_PASSWORD, EB_DRY_RUN="0", EB_THREADS="8"),
-    )
-    deadline = time.monotonic() + 60
-    while fake.total_changes() < 100 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    process = start_unattended(script, fake, EB_DRY_RUN="0", EB_THREADS="8")
+    wait_until(lambda: fake.total_changes() >= 100)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=30)
     assert process.returncode == 130
@@ -247,21 +243,16 @@ def test_a_dry_run_shows_what_the_resume_would_skip_and_leaves_the_chain_open(tm
 @pytest.mark.fake(latency=0.5)
 def test_a_second_copy_started_in_the_same_folder_is_refused_and_touches_nothing(tmp_path, fake):
     script = update_job(tmp_path)
-    first = subprocess.Popen(
-        [sys.executable, script.name], cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, env=script_environment(fake, EB_PASSWORD=DEMO_PASSWORD, EB_DRY_RUN="0"),
-    )
+    first = start_unattended(script, fake, output=subprocess.DEVNULL, EB_DRY_RUN="0")
     try:
-        deadline = time.monotonic() + 30
-        while fake.calls(UPDATE) == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: fake.calls(UPDATE) > 0, timeout=30)
         log_before = (tmp_path / "my_job.log").read_bytes()
         journal_before = (tmp_path / "my_job.journal.jsonl").read_bytes()
         started = time.monotonic()
         second = run(script, fake)
         assert time.monotonic() - started < 5
         assert second.returncode == 1
-        assert "already running" in second.stderr and second.stderr.strip().count("\n") == 0
+        assert_one_clear_line(second.stderr, "already running")
         assert (tmp_path / "my_job.log").read_bytes().startswith(log_before)
         assert (tmp_path / "my_job.journal.jsonl").read_bytes().startswith(journal_before)
         assert not (tmp_path / "my_job.log.1").exists()

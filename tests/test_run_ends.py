@@ -4,7 +4,6 @@ the script run as a child process the way users and runners run it."""
 
 import signal
 import socket
-import subprocess
 import sys
 import time
 from time import perf_counter
@@ -12,19 +11,12 @@ from time import perf_counter
 import httpx
 import pytest
 
-from conftest import run_unattended, script_environment, write_copy
+from conftest import assert_one_clear_line, run_unattended, start_unattended, wait_until, write_copy
 from fake_platform import DEMO_PASSWORD
 
 ORGANIZATIONS = "/api/inclusions/getAllOrganizations"
 LOGIN = "/api/auth/ziwig-pro/login"
 POSIX_SIGNALS = pytest.mark.skipif(sys.platform == "win32", reason="sends POSIX signals to one process")
-
-
-def one_line(stderr):
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr
-    return lines[0]
 
 
 # --- A deadline per call ------------------------------------------------------
@@ -64,14 +56,8 @@ BUSY_JOB = """\
 def start_busy_run(tmp_path, fake, wait="iter_completed"):
     """A copy whose 20 threads are each in a call the fake answers in 30 s."""
     script = write_copy(tmp_path, BUSY_JOB.format(wait=wait))
-    environment = script_environment(fake, EB_THREADS="20", EB_PASSWORD=DEMO_PASSWORD)
-    process = subprocess.Popen(
-        [sys.executable, script.name], cwd=tmp_path, env=environment,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 30
-    while fake.calls(ORGANIZATIONS) < 20 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    process = start_unattended(script, fake, EB_THREADS="20")
+    wait_until(lambda: fake.calls(ORGANIZATIONS) >= 20, timeout=30)
     assert fake.calls(ORGANIZATIONS) == 20
     time.sleep(0.3)  # the 20 calls are well under way
     return process
@@ -92,7 +78,7 @@ def test_a_stop_signal_with_20_calls_in_flight_ends_the_run_within_2_seconds(tmp
 
     assert process.returncode == status
     assert exited_after < 2.0
-    assert one_line(stderr) == f"Interrupted {words}."
+    assert assert_one_clear_line(stderr) == f"Interrupted {words}."
     late = [arrived - signalled_at for arrived, _, path in fake.request_times() if arrived > signalled_at + 0.05]
     assert late == [], "requests reached the server after the stop"
     log = (tmp_path / "my_job.log").read_text(encoding="utf-8")
@@ -115,11 +101,7 @@ SLOW_TO_CLEAN_UP = """\
 @pytest.mark.usefixtures("sigint_reaches_children")
 def test_a_second_ctrl_c_exits_at_once(tmp_path, fake):
     script = write_copy(tmp_path, SLOW_TO_CLEAN_UP)
-    environment = script_environment(fake, EB_PASSWORD=DEMO_PASSWORD)
-    process = subprocess.Popen(
-        [sys.executable, script.name], cwd=tmp_path, env=environment,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    process = start_unattended(script, fake)
     assert "waiting" in read_until(process, "waiting")  # inside the job's try
     process.send_signal(signal.SIGINT)
     assert "cleaning up" in read_until(process, "cleaning up")
@@ -173,7 +155,7 @@ def test_plain_http_to_another_machine_is_a_bad_setting_and_nothing_is_sent(tmp_
         HTTP_PROXY=proxy, HTTPS_PROXY=proxy, ALL_PROXY=proxy,
     )
     assert result.returncode == 2
-    line = one_line(result.stderr)
+    line = assert_one_clear_line(result.stderr)
     assert f"EB_{service}_BASE_URL" in line and "https://" in line
     assert connections_to(capture_server) == 0
     assert fake.calls(LOGIN) == 0
@@ -188,7 +170,7 @@ def test_plain_http_to_this_machine_is_allowed(template, monkeypatch, url):
 def test_a_password_typed_as_the_password_file_is_never_shown(tmp_path, fake):
     result = run_unattended(write_copy(tmp_path), fake, EB_PASSWORD=None, EB_PASSWORD_FILE=DEMO_PASSWORD)
     assert result.returncode == 2
-    assert "EB_PASSWORD_FILE" in one_line(result.stderr)
+    assert_one_clear_line(result.stderr, "EB_PASSWORD_FILE")
     assert DEMO_PASSWORD not in result.stderr + result.stdout
     assert DEMO_PASSWORD not in (tmp_path / "my_job.log").read_text(encoding="utf-8")
 
@@ -223,7 +205,7 @@ def test_a_bad_answer_ends_the_run_with_one_line_naming_the_request(tmp_path, fa
     script = write_copy(tmp_path, replacements=[("WAIT_BEFORE_RETRY = 0.5", "WAIT_BEFORE_RETRY = 0.01")])
     result = run_unattended(script, fake)
     assert result.returncode == 1
-    assert expected.format(**fake.urls) in one_line(result.stderr)
+    assert_one_clear_line(result.stderr, expected.format(**fake.urls))
     assert "Traceback" in (tmp_path / "my_job.log").read_text(encoding="utf-8")
 
 
@@ -258,13 +240,8 @@ def test_plain_http_to_this_machine_never_goes_through_a_proxy(tmp_path, fake, c
 @pytest.mark.usefixtures("sigint_reaches_children")
 def test_ctrl_c_during_a_slow_login_ends_the_run_within_2_seconds(tmp_path, fake):
     script = write_copy(tmp_path)
-    process = subprocess.Popen(
-        [sys.executable, script.name], cwd=tmp_path, env=script_environment(fake, EB_PASSWORD=DEMO_PASSWORD),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 30
-    while fake.calls(LOGIN) == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    process = start_unattended(script, fake)
+    wait_until(lambda: fake.calls(LOGIN) > 0, timeout=30)
     time.sleep(0.3)
     signalled_at = time.monotonic()
     process.send_signal(signal.SIGINT)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import run_unattended, script_environment, write_copy
+from conftest import assert_one_clear_line, run_unattended, script_environment, write_copy
 from fake_platform import DEMO_PASSWORD
 
 ORGANIZATIONS = "/api/inclusions/getAllOrganizations"
@@ -20,14 +20,6 @@ def closed_port_url():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return f"http://127.0.0.1:{port}"
-
-
-def assert_one_clear_line(stderr, *expected):
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr
-    for text in expected:
-        assert text in lines[0]
 
 
 def test_the_template_runs_unattended_without_a_prompt_or_a_pause(tmp_path, fake):
