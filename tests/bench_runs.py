@@ -2,7 +2,7 @@
 time to exit after Ctrl+C and SIGTERM. Each figure is measured side by side with what it
 is compared to, in one run.
 
-Run by hand, not part of the test suite (about two minutes, Linux: it reads peak memory
+Run by hand, not part of the test suite (about 30 seconds, Linux: it reads peak memory
 with the resource module and sends POSIX signals):
 
     .venv/bin/python tests/bench_runs.py
